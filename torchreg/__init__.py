@@ -1,0 +1,31 @@
+"""torchreg: Keras-style L1, L2 and Elastic-Net regularization of PyTorch layers, by gradient hooks.
+
+The regularization gradient (``lam * sign(w)`` for L1, ``lam * w`` for L2, as ``torch.optim``'s
+``weight_decay``) is added to ``w.grad`` during backward; the loss and the training loop stay as
+they are.
+
+>>> import torch, torchreg
+>>> net = torch.nn.Sequential(torchreg.L1(torch.nn.Linear(8, 8), lam=1e-4), torch.nn.ReLU(),
+...                           torchreg.L2(torch.nn.Linear(8, 1), lam=1e-3))
+"""
+
+from .regularizers import ElasticNet, L1, L2, Regularizer
+from .report import Summary, penalty, summary
+from .training import configure
+from .walker import apply_regularization, remove_regularization
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ElasticNet",
+    "L1",
+    "L2",
+    "Regularizer",
+    "Summary",
+    "__version__",
+    "apply_regularization",
+    "configure",
+    "penalty",
+    "remove_regularization",
+    "summary",
+]

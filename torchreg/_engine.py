@@ -1,0 +1,330 @@
+"""When the regularization gradient is added: hooks, per-backward bookkeeping, scaling factors.
+
+One :class:`Unit` is made per regularization call (``L1(layer, ...)``, ``apply_regularization``).
+It adds each covered parameter's gradient term exactly once per backward pass:
+
+* A post-accumulate-grad hook on each covered parameter (``Tensor.register_post_accumulate_grad_hook``)
+  fires once per backward, after every contribution to ``p.grad`` has been accumulated (a module
+  called several times, a weight tied between layers: still once), whether or not the layer's input
+  required grad and whatever in-place op follows it. It adds the term in place while the gradient is
+  still in cache. It does not fire for ``torch.autograd.grad``, which therefore changes no ``.grad``.
+* The first hook of a unit in a backward queues an end-of-backward callback; that callback queues a
+  second one, which runs after every callback queued during the backward (DistributedDataParallel's
+  reducer finalization among them). It adds the term to the unit's parameters that this backward did
+  not reach (a branch the forward skipped), so a unit is regularized as a whole, as
+  ``loss + penalty`` would. Under an initialized process group with more than one rank, every term is
+  added there, after the gradients are averaged: the same on every rank, whichever parameters each
+  rank used.
+* Each term is multiplied by ``1 / accumulation_steps`` and by the grad scaler's current scale (a
+  device tensor, never read on the host), as declared with :func:`torchreg.configure`.
+
+The regularizers (``regularizers.py``) say *what* term is added; nothing here depends on which.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import sys
+import threading
+import warnings
+import weakref
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parameter import UninitializedParameter
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+__all__ = ["ATTR", "Entry", "Skipped", "Unit", "attach", "units_in", "owner_of"]
+
+#: The one attribute torchreg sets on a user's module: the :class:`Unit` applied to it.
+ATTR = "_torchreg_unit"
+
+_current_task = torch._C._current_graph_task_id
+_queue_callback = torch.autograd.Variable._execution_engine.queue_callback
+
+
+class Entry(NamedTuple):
+    """One covered parameter: its qualified name under the unit's root, the rule, and why."""
+
+    name: str
+    param: nn.Parameter
+    rule: Any  # a torchreg.Regularizer
+    origin: str = ""  # which rule matched, for the summary
+
+
+class Skipped(NamedTuple):
+    """A module a rule matched but that had nothing to regularize (for the summary)."""
+
+    name: str
+    module_type: str
+    reason: str
+
+
+# -- optimizer steps, for the accumulation guard -------------------------------------------------
+class StepCounter:
+    count = 0
+    registered = False
+
+    @classmethod
+    def ensure(cls) -> None:
+        if not cls.registered:
+            register_optimizer_step_post_hook(cls._on_step)
+            cls.registered = True
+
+    @classmethod
+    def _on_step(cls, optimizer: Any, args: Any, kwargs: Any) -> None:
+        cls.count += 1
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _compiled_autograd() -> bool:
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")
+    return ca is not None and bool(ca.in_compiled_autograd_region)
+
+
+def _is_lazy(p: Tensor) -> bool:
+    return isinstance(p, UninitializedParameter)
+
+
+def owner_of(p: Tensor) -> Optional["Unit"]:
+    """The unit whose hook is registered on ``p``, if any."""
+    for hook in (getattr(p, "_post_accumulate_grad_hooks", None) or {}).values():
+        if isinstance(hook, functools.partial) and isinstance(getattr(hook.func, "__self__", None), Unit):
+            return hook.func.__self__
+    return None
+
+
+def units_in(module: nn.Module) -> Iterator["Unit"]:
+    """Every unit applied to ``module`` or to one of its submodules, in ``modules()`` order."""
+    for m in module.modules():
+        unit = m.__dict__.get(ATTR)
+        if unit is not None:
+            yield unit
+
+
+class _LazyWatch:
+    """Forward hook on a unit's root while some covered parameter is still uninitialized."""
+
+    def __init__(self, unit: "Unit") -> None:
+        self.unit = unit
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.unit._register_ready()
+
+
+class Unit:
+    """The regularization applied by one call, on the module ``root`` it was applied to."""
+
+    def __init__(self, root: nn.Module, entries: Sequence[Entry], skipped: Sequence[Skipped] = ()) -> None:
+        self.root = root
+        self.entries: List[Entry] = list(entries)
+        self.skipped: List[Skipped] = list(skipped)
+        self.accumulation_steps = 1
+        self.grad_scaler: Any = None
+        self._lazy_handle: Any = None
+        self._init_transient()
+
+    # -- state that is not copied or pickled ------------------------------------------------------
+    def _init_transient(self) -> None:
+        self._handles: Dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._task = -1  # graph task of the backward in progress
+        self._seen: set = set()
+        self._alpha = 1.0
+        self._scale: Optional[Tensor] = None
+        self._scales: Dict[torch.device, Tensor] = {}
+        self._deferred = False
+        self._last_step = -1
+        self._probe: Optional[Tuple[int, Any]] = None
+        self._backwards = 0
+        self._warned = False
+
+    def __getstate__(self) -> Dict[str, Any]:
+        keep = ("root", "entries", "skipped", "accumulation_steps", "_lazy_handle")
+        return {k: self.__dict__[k] for k in keep}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.grad_scaler = None  # a pickled model is reconfigured with its new scaler
+        self._init_transient()
+        self._register_ready()
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "Unit":
+        new = Unit.__new__(Unit)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        new.grad_scaler = self.grad_scaler  # a copy trains with the same scaler
+        return new
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def install(self) -> None:
+        """Register the hooks; on failure remove those registered and re-raise."""
+        StepCounter.ensure()
+        try:
+            self._register_ready()
+            if any(_is_lazy(e.param) for e in self.entries):
+                self._lazy_handle = self.root.register_forward_hook(_LazyWatch(self))
+            setattr(self.root, ATTR, self)
+        except BaseException:
+            self.uninstall()
+            raise
+
+    def uninstall(self) -> None:
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+        if self._lazy_handle is not None:
+            self._lazy_handle.remove()
+            self._lazy_handle = None
+        if self.root.__dict__.get(ATTR) is self:
+            delattr(self.root, ATTR)
+
+    def _register_ready(self) -> None:
+        """Register the hook of each covered parameter that is initialized and trainable."""
+        for i, entry in enumerate(self.entries):
+            p = entry.param
+            if i not in self._handles and p.requires_grad and not _is_lazy(p):
+                self._handles[i] = p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
+        if self._lazy_handle is not None and not any(_is_lazy(e.param) for e in self.entries):
+            self._lazy_handle.remove()
+            self._lazy_handle = None
+
+    def _on_grad(self, index: int, param: Tensor) -> None:
+        if self._task != _current_task():
+            self._begin()
+        self._seen.add(index)
+        if not self._deferred:
+            self._add(self.entries[index], param)
+
+    def _begin(self) -> None:
+        """First hook of this unit in a backward: read the factors, queue the end-of-backward work."""
+        with self._lock:
+            task = _current_task()
+            if self._task == task:
+                return
+            if _compiled_autograd():
+                raise RuntimeError(
+                    "torchreg does not support compiled autograd (torch._dynamo.config.compiled_autograd"
+                    "=True): its end-of-backward step would not run and penalties would go missing. "
+                    "torch.compile of the model itself is supported; leave compiled autograd off."
+                )
+            self._task = task
+            self._seen = set()
+            self._alpha = 1.0 / self.accumulation_steps
+            scaler = self.grad_scaler
+            self._scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
+            self._scales = {}
+            self._deferred = _distributed()
+            _queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        # Queued again so that it runs after the callbacks queued during the backward (DDP's).
+        _queue_callback(self._finish)
+
+    def _finish(self) -> None:
+        try:
+            if self._deferred or len(self._seen) < len(self.entries):
+                self._register_ready()  # parameters unfrozen since the last backward
+                for i, entry in enumerate(self.entries):
+                    p = entry.param
+                    if (self._deferred or i not in self._seen) and p.requires_grad and not _is_lazy(p):
+                        self._add(entry, p)
+            self._count_backward()
+        finally:
+            self._task = -1
+            self._seen = set()
+            self._scales = {}
+
+    def _add(self, entry: Entry, p: Tensor) -> None:
+        g = p.grad
+        if g is None:
+            p.grad = g = torch.zeros_like(p)
+        elif g.layout != torch.strided:  # sparse gradient (nn.Embedding(sparse=True)): made dense,
+            p.grad = g = g.to_dense()  # as autograd does when a dense penalty gradient is added
+        scale = self._scale
+        if scale is not None and scale.device != g.device:
+            scale = self._scales.get(g.device)
+            if scale is None:
+                scale = self._scales[g.device] = self._scale.to(g.device, non_blocking=True)
+        if torch.is_grad_enabled():  # a backward with create_graph=True
+            with torch.no_grad():
+                entry.rule.grad_(g, p, self._alpha, scale)
+        else:
+            entry.rule.grad_(g, p, self._alpha, scale)
+
+    # -- the accumulation guard -----------------------------------------------------------------------
+    def _count_backward(self) -> None:
+        """Count backwards between optimizer steps; warn once when there are more than declared."""
+        step = StepCounter.count
+        new_cycle = step != self._last_step
+        if self._probe is not None and not new_cycle:
+            index, ref = self._probe
+            new_cycle = self.entries[index].param.grad is not ref()  # grads were set to None
+        self._last_step = step
+        self._backwards = 1 if new_cycle else self._backwards + 1
+        self._probe = None
+        for i, entry in enumerate(self.entries):
+            if entry.param.grad is not None:
+                self._probe = (i, weakref.ref(entry.param.grad))
+                break
+        if self._backwards > self.accumulation_steps and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"torchreg: {self._backwards} backward passes reached the regularized parameters of "
+                f"{type(self.root).__name__} between two optimizer steps (or without the gradients being "
+                f"reset), but accumulation_steps={self.accumulation_steps} is declared, so each added the "
+                "full penalty gradient. For gradient accumulation over k micro-batches call "
+                "torchreg.configure(model, accumulation_steps=k) once before training.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    # -- reading ---------------------------------------------------------------------------------
+    def penalty(self) -> Optional[Tensor]:
+        """The unit's current total penalty (no graph), or None if it covers no initialized parameter."""
+        total = None
+        with torch.no_grad():
+            for entry in self.entries:
+                if not _is_lazy(entry.param):
+                    value = entry.rule.penalty(entry.param)
+                    total = value if total is None else total + value.to(total.device)
+        return total
+
+
+def attach(root: nn.Module, entries: Iterable[Entry], skipped: Sequence[Skipped] = ()) -> nn.Module:
+    """Make and install a unit on ``root``; raise before changing anything if that would double up."""
+    entries = list(entries)
+    existing = root.__dict__.get(ATTR)
+    if existing is not None:
+        raise ValueError(
+            f"{type(root).__name__} is already regularized by torchreg "
+            f"({_rules_text(existing)}); call torchreg.remove_regularization(module) first"
+        )
+    inner = {id(e.param): (u, e.name) for u in units_in(root) for e in u.entries}
+    for e in entries:
+        other = owner_of(e.param)
+        if id(e.param) in inner or other is not None:
+            raise ValueError(
+                f"parameter {e.name!r} is already regularized by torchreg "
+                f"({_rules_text(other or inner[id(e.param)][0])}); a parameter can be covered once: "
+                "remove that regularization first, or exclude the module with a None rule"
+            )
+        if not _is_lazy(e.param) and not (e.param.is_floating_point() or e.param.is_complex()):
+            raise TypeError(f"parameter {e.name!r} has dtype {e.param.dtype}; only floating and complex "
+                            "parameters can be regularized")
+    Unit(root, entries, skipped).install()
+    return root
+
+
+def _rules_text(unit: Unit) -> str:
+    rules = []
+    for e in unit.entries:
+        if repr(e.rule) not in rules:
+            rules.append(repr(e.rule))
+    return ", ".join(rules) or "no parameter"

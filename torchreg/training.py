@@ -1,0 +1,68 @@
+"""Telling torchreg about the training loop: :func:`configure`."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from . import _engine
+from ._validate import check_module, check_positive_int
+
+__all__ = ["configure"]
+
+M = TypeVar("M", bound=nn.Module)
+_KEEP: Any = object()
+
+
+def configure(model: M, *, accumulation_steps: int = _KEEP, grad_scaler: Any = _KEEP) -> M:
+    """Declare how ``model`` is trained, once, before training; returns ``model``.
+
+    Args:
+        accumulation_steps: ``k`` when each optimizer step follows ``k`` backward passes of
+            ``loss_i / k`` (gradient accumulation). Each backward then adds ``1/k`` of the penalty
+            gradient, so the accumulated gradient equals the full-batch ``loss + penalty`` one.
+            Default 1. When more backwards than declared run between two optimizer steps, torchreg
+            warns once: each of them added the full penalty gradient.
+        grad_scaler: the ``torch.amp.GradScaler`` whose ``scaler.scale(loss).backward()`` drives the
+            backward passes (``None`` to forget it). The penalty gradient is then multiplied by the
+            scaler's current scale, read as a device tensor (no host synchronization), so that after
+            ``scaler.unscale_(optimizer)`` (or inside a fused optimizer) the gradients equal the
+            unscaled reference.
+
+    Omitted arguments keep their current value. The settings apply to every regularization already
+    applied in ``model`` (call it after applying them) and take effect from the next backward.
+
+    Raises:
+        TypeError: ``model`` is not a module, ``accumulation_steps`` no int, ``grad_scaler`` no GradScaler.
+        ValueError: ``accumulation_steps < 1``, or nothing in ``model`` is regularized.
+
+    Example::
+
+        >>> import torch, torchreg
+        >>> model = torchreg.L2(torch.nn.Linear(4, 1), lam=1e-3)
+        >>> scaler = torch.amp.GradScaler("cpu")
+        >>> torchreg.configure(model, accumulation_steps=4, grad_scaler=scaler) is model
+        True
+    """
+    check_module(model, "configure")
+    if accumulation_steps is not _KEEP:
+        accumulation_steps = check_positive_int(accumulation_steps, "accumulation_steps")
+    if grad_scaler is not _KEEP and grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise TypeError(
+            f"grad_scaler must be a torch.amp.GradScaler or None, got {grad_scaler!r} "
+            f"({type(grad_scaler).__name__})"
+        )
+    units = list(_engine.units_in(model))
+    if not units:
+        raise ValueError(
+            f"nothing in {type(model).__name__} is regularized by torchreg; apply regularization first"
+        )
+    _engine.StepCounter.ensure()
+    for unit in units:
+        if accumulation_steps is not _KEEP:
+            unit.accumulation_steps = accumulation_steps
+        if grad_scaler is not _KEEP:
+            unit.grad_scaler = grad_scaler
+    return model

@@ -1,0 +1,208 @@
+"""Rules to modules: :func:`apply_regularization` and :func:`remove_regularization`."""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar, Union
+
+from torch import nn
+
+from . import _engine
+from ._select import select
+from ._validate import check_module
+from .regularizers import Regularizer
+
+__all__ = ["apply_regularization", "remove_regularization"]
+
+M = TypeVar("M", bound=nn.Module)
+RuleKey = Union[type, Tuple[type, ...], str]
+RuleValue = Union[Regularizer, "functools.partial[Any]", None]
+
+
+class _Rule:
+    __slots__ = ("label", "matches", "regularizer")
+
+    def __init__(self, label: str, matches: Callable[[str, nn.Module], bool], regularizer: Optional[Regularizer]):
+        self.label = label
+        self.matches = matches
+        self.regularizer = regularizer
+
+
+def _key_label(key: Any) -> str:
+    if isinstance(key, type):
+        return key.__name__
+    if isinstance(key, tuple):
+        return "(" + ", ".join(_key_label(k) for k in key) + ")"
+    return repr(key)
+
+
+def _compile_key(key: Any, label: str) -> Callable[[str, nn.Module], bool]:
+    if isinstance(key, str):
+        return lambda name, module: fnmatch.fnmatchcase(name, key)
+    classes = key if isinstance(key, tuple) else (key,)
+    if classes and all(isinstance(c, type) and issubclass(c, nn.Module) for c in classes):
+        return lambda name, module: isinstance(module, classes)
+    hint = ""
+    if any(isinstance(c, nn.Module) for c in classes):
+        hint = "; got a module instance: use its class or its qualified name"
+    raise TypeError(
+        f"rule {label}: a key must be an nn.Module subclass, a non-empty tuple of them, or a glob "
+        f"pattern over module names such as 'encoder.layers.*.linear1'; got {key!r} "
+        f"({type(key).__name__}){hint}"
+    )
+
+
+def _compile_value(value: Any, label: str) -> Optional[Regularizer]:
+    if value is None or isinstance(value, Regularizer):
+        return value
+    if isinstance(value, type) and issubclass(value, Regularizer):
+        raise TypeError(
+            f"rule {label}: got the class torchreg.{value.__name__}; instantiate it, e.g. "
+            f"torchreg.{value.__name__}({', '.join(f'{s}=1e-4' for s in value._strengths)})"
+        )
+    if isinstance(value, functools.partial) and isinstance(value.func, type) and issubclass(value.func, Regularizer):
+        try:
+            rule = value()
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"rule {label}: {error}") from error
+        if isinstance(rule, Regularizer):
+            return rule
+    raise TypeError(
+        f"rule {label}: a value must be a torchreg regularizer such as torchreg.L1(lam=1e-4), a "
+        f"functools.partial of one such as functools.partial(torchreg.L1, lam=1e-4), or None to "
+        f"exclude the module; got {value!r} ({type(value).__name__})"
+    )
+
+
+def _compile_rules(rules: Any) -> List[_Rule]:
+    if not isinstance(rules, Mapping):
+        raise TypeError(
+            "rules must be a mapping (e.g. a dict) from module class or name pattern to regularizer; "
+            f"got {type(rules).__name__}"
+        )
+    compiled = []
+    for index, (key, value) in enumerate(rules.items(), start=1):
+        label = f"#{index} {_key_label(key)}"
+        compiled.append(_Rule(label, _compile_key(key, label), _compile_value(value, label)))
+    return compiled
+
+
+def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict: bool = False) -> M:
+    """Regularize the submodules of ``model`` that ``rules`` match; in place, returns ``model``.
+
+    ``model`` is walked recursively (``model.named_modules()``, containers included, each module once)
+    and each module is given to the *first* rule that matches it:
+
+    * a key that is a module class, or a tuple of classes, matches instances of it and of its
+      subclasses (``isinstance``);
+    * a string key is a glob pattern (``fnmatch``; ``*`` also crosses dots) over the module's
+      qualified name, as ``named_modules()`` gives it: ``"encoder.layers.*.linear1"``; the root is ``""``.
+
+    A matched module is regularized for the parameters it owns directly, with the rule's selection
+    (by default its weights: no biases, nothing of a normalization layer). The value of a rule is a
+    regularizer (``torchreg.L1(lam=1e-4)``), a ``functools.partial`` of one
+    (``functools.partial(torchreg.L1, lam=1e-4)``), or ``None``, which leaves the module alone whatever
+    later rules say. A matched module with nothing selected (an activation, a norm layer caught by a
+    pattern) is skipped and listed as such by :func:`torchreg.summary`.
+
+    The whole model is one unit: whenever a backward reaches any regularized parameter, every
+    regularized parameter gets its gradient term once, exactly as ``loss + torchreg.penalty(model)``
+    would give, including branches this forward skipped. A parameter shared by several matched modules
+    (tied embeddings) is regularized once. Parameters of lazy modules are covered once they exist.
+
+    Args:
+        model: the model to regularize.
+        rules: an ordered mapping from rule key to rule value, as above.
+        strict: raise instead of warning when a rule matches no module.
+
+    Returns:
+        ``model``, with its parameters, ``state_dict`` and forward unchanged.
+
+    Raises:
+        TypeError: ``model`` is not a module instance, or a rule key or value has the wrong type.
+        ValueError: ``model`` is regularized already (applying twice would double the penalty), a
+            selected parameter is regularized by another call, or (``strict=True``) a rule matches
+            nothing. Nothing is changed when it raises.
+
+    Example::
+
+        >>> import functools, torch, torchreg
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+        ...                       nn.LazyLinear(10))
+        >>> torchreg.apply_regularization(model, {
+        ...     "1": None,                                        # nothing for this one
+        ...     nn.Conv2d: torchreg.L2(lam=5e-4),
+        ...     nn.Linear: functools.partial(torchreg.L1, lam=1e-5),
+        ... }) is model
+        True
+        >>> _ = model(torch.randn(2, 3, 8, 8))                   # the lazy layer gets its weight
+        >>> [r["module"] for r in torchreg.summary(model).records if r["regularizer"]]
+        ['0', '4']
+    """
+    check_module(model, "apply_regularization")
+    compiled = _compile_rules(rules)
+    hits = [0] * len(compiled)
+    entries: List[_engine.Entry] = []
+    skipped: List[_engine.Skipped] = []
+    taken: Dict[int, str] = {}
+    for path, module in model.named_modules():
+        index = next((i for i, rule in enumerate(compiled) if rule.matches(path, module)), None)
+        if index is None:
+            continue
+        hits[index] += 1
+        rule = compiled[index]
+        kind = type(module).__name__
+        if rule.regularizer is None:
+            skipped.append(_engine.Skipped(path, kind, f"excluded by rule {rule.label}"))
+            continue
+        chosen = select(module, rule.regularizer.params, recurse=False)
+        if not chosen and (module._parameters or not module._modules):  # containers are walked into
+            skipped.append(_engine.Skipped(path, kind, f"rule {rule.label} selects no parameter here"))
+        for leaf, p in chosen:
+            name = f"{path}.{leaf}" if path else leaf
+            if id(p) in taken:
+                skipped.append(_engine.Skipped(path, kind, f"{leaf} is {taken[id(p)]}, regularized once"))
+                continue
+            taken[id(p)] = name
+            entries.append(_engine.Entry(name, p, rule.regularizer, f"rule {rule.label}"))
+    unmatched = [rule.label for rule, n in zip(compiled, hits) if n == 0]
+    if unmatched:
+        message = f"apply_regularization: rule(s) {', '.join(unmatched)} matched no module of {type(model).__name__}"
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
+    if entries:
+        _engine.attach(model, entries, skipped)
+    return model
+
+
+def remove_regularization(module: M) -> M:
+    """Take every torchreg regularization off ``module`` and its submodules; returns ``module``.
+
+    Removes what :func:`apply_regularization` and the wrappers (``L1(layer, ...)``) applied to
+    ``module`` or to any module inside it: every hook and the attribute torchreg set. Parameters,
+    ``state_dict``, forward and gradients are then those of a module that never had torchreg.
+
+    Raises:
+        TypeError: ``module`` is not a module instance.
+        ValueError: nothing in ``module`` is regularized by torchreg.
+
+    Example::
+
+        >>> import torch, torchreg
+        >>> layer = torchreg.L1(torch.nn.Linear(2, 2), 0.1)
+        >>> torchreg.remove_regularization(layer) is layer
+        True
+        >>> torchreg.penalty(layer)
+        tensor(0.)
+    """
+    check_module(module, "remove_regularization")
+    units = list(_engine.units_in(module))
+    if not units:
+        raise ValueError(f"no torchreg regularization found on {type(module).__name__} or its submodules")
+    for unit in units:
+        unit.uninstall()
+    return module
