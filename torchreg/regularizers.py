@@ -20,7 +20,7 @@ rule for :func:`torchreg.apply_regularization` that can also be applied later wi
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, TypeVar, overload
+from typing import Any, Dict, Optional, Type, TypeVar, overload
 
 from torch import Tensor, nn
 
@@ -32,6 +32,7 @@ from ._validate import check_module, check_strength
 __all__ = ["Regularizer", "L1", "L2", "ElasticNet"]
 
 M = TypeVar("M", bound=nn.Module)
+R = TypeVar("R", bound="Regularizer")
 
 
 def _rebuild(cls: type, kwargs: Dict[str, Any]) -> "Regularizer":
@@ -134,7 +135,25 @@ def _strength(name: str) -> property:
     return property(get, set, doc=f"Strength ``{name}`` (>= 0); may be changed at any time.")
 
 
-class L1(Regularizer):
+class _OneStrength(Regularizer):
+    """A regularizer with one strength, ``lam``."""
+
+    _strengths = ("lam",)
+    lam = _strength("lam")
+
+    @overload
+    def __new__(cls, module: M, lam: float, *, params: Selection = None) -> M: ...
+    @overload
+    def __new__(cls: Type[R], lam: float, *, params: Selection = None) -> R: ...
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return super().__new__(cls, *args, **kwargs)
+
+    def __init__(self, lam: float, *, params: Selection = None) -> None:
+        self.lam = lam
+        self._init_selection(params)
+
+
+class L1(_OneStrength):
     """L1 (lasso) regularization: adds ``lam * sign(w)`` to each selected weight's gradient.
 
     The penalty is ``lam * sum(|w|)``; ``sign(0) = 0``, as autograd's gradient of ``abs``.
@@ -173,20 +192,6 @@ class L1(Regularizer):
         L1(lam=0.0001)
     """
 
-    _strengths = ("lam",)
-    lam = _strength("lam")
-
-    @overload
-    def __new__(cls, module: M, lam: float, *, params: Selection = None) -> M: ...
-    @overload
-    def __new__(cls, lam: float, *, params: Selection = None) -> "L1": ...
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        return super().__new__(cls, *args, **kwargs)
-
-    def __init__(self, lam: float, *, params: Selection = None) -> None:
-        self.lam = lam
-        self._init_selection(params)
-
     def penalty(self, param: Tensor) -> Tensor:
         return self.lam * param.abs().sum()
 
@@ -195,7 +200,7 @@ class L1(Regularizer):
             add_scaled_(grad, sgn(param), self.lam * alpha, scale)
 
 
-class L2(Regularizer):
+class L2(_OneStrength):
     """L2 regularization (weight decay): adds ``lam * w`` to each selected weight's gradient.
 
     The penalty is ``lam / 2 * sum(w ** 2)``, so that the gradient equals ``torch.optim``'s
@@ -224,20 +229,6 @@ class L2(Regularizer):
         >>> torchreg.penalty(layer)                      # 0.1 / 2 * (1 + 4)
         tensor(0.2500)
     """
-
-    _strengths = ("lam",)
-    lam = _strength("lam")
-
-    @overload
-    def __new__(cls, module: M, lam: float, *, params: Selection = None) -> M: ...
-    @overload
-    def __new__(cls, lam: float, *, params: Selection = None) -> "L2": ...
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        return super().__new__(cls, *args, **kwargs)
-
-    def __init__(self, lam: float, *, params: Selection = None) -> None:
-        self.lam = lam
-        self._init_selection(params)
 
     def penalty(self, param: Tensor) -> Tensor:
         return self.lam / 2 * sum_of_squares(param)
