@@ -29,7 +29,7 @@ import sys
 import threading
 import warnings
 import weakref
-from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +59,7 @@ class Skipped(NamedTuple):
 
     name: str
     module_type: str
+    origin: str  # which rule matched
     reason: str
 
 
@@ -243,10 +244,12 @@ class Unit:
 
     def _add(self, entry: Entry, p: Tensor) -> None:
         g = p.grad
-        if g is None:
-            p.grad = g = torch.zeros_like(p)
-        elif g.layout != torch.strided:  # sparse gradient (nn.Embedding(sparse=True)): made dense,
-            p.grad = g = g.to_dense()  # as autograd does when a dense penalty gradient is added
+        if g is None or g.layout != torch.strided:
+            if entry.rule.is_zero:  # strength 0 leaves the gradient exactly as it is, None or sparse
+                return
+            # No gradient yet (a skipped parameter), or a sparse one (nn.Embedding(sparse=True)): the
+            # result is dense, as autograd's is when a dense penalty gradient is added to the loss.
+            p.grad = g = torch.zeros_like(p) if g is None else g.to_dense()
         scale = self._scale
         if scale is not None and scale.device != g.device:
             scale = self._scales.get(g.device)
@@ -286,12 +289,12 @@ class Unit:
             )
 
     # -- reading ---------------------------------------------------------------------------------
-    def penalty(self) -> Optional[Tensor]:
-        """The unit's current total penalty (no graph), or None if it covers no initialized parameter."""
+    def penalty(self, include: Callable[[Tensor], bool] = lambda p: True) -> Optional[Tensor]:
+        """The current penalty (no graph) of the covered parameters ``include`` accepts, or None."""
         total = None
         with torch.no_grad():
             for entry in self.entries:
-                if not _is_lazy(entry.param):
+                if not _is_lazy(entry.param) and include(entry.param):
                     value = entry.rule.penalty(entry.param)
                     total = value if total is None else total + value.to(total.device)
         return total

@@ -16,7 +16,8 @@ __all__ = ["penalty", "summary", "Summary"]
 def penalty(module: nn.Module) -> Tensor:
     """The current total penalty of every regularization in ``module`` (0-dim tensor, no graph).
 
-    The sum over regularized parameters of ``lam * sum|w|`` (L1) and ``lam / 2 * sum w**2`` (L2), the
+    The sum over the regularized parameters of ``module`` (also those regularized by a call on an
+    enclosing module) of ``lam * sum|w|`` (L1) and ``lam / 2 * sum w**2`` (L2), the
     same value whose gradient torchreg adds during backward. It is for logging ("how much of the loss
     is regularization"): torchreg adds the gradient itself, so do not add this to the loss.
     ``tensor(0.)`` when nothing is regularized.
@@ -31,9 +32,15 @@ def penalty(module: nn.Module) -> Tensor:
         tensor(2.)
     """
     check_module(module, "penalty")
+    own = {id(p) for p in module.parameters()}
+    units = {id(u): u for u in _engine.units_in(module)}
+    for p in module.parameters():  # regularization applied to an enclosing module
+        unit = _engine.owner_of(p)
+        if unit is not None:
+            units.setdefault(id(unit), unit)
     total = None
-    for unit in _engine.units_in(module):
-        value = unit.penalty()
+    for unit in units.values():
+        value = unit.penalty(lambda p: id(p) in own)
         if value is not None:
             total = value if total is None else total + value.to(total.device)
     return torch.zeros(()) if total is None else total
@@ -90,7 +97,7 @@ def summary(module: nn.Module) -> Summary:
         >>> net = torchreg.apply_regularization(
         ...     nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), {nn.Module: torchreg.L2(1e-3)})
         >>> [(r["module"], r["parameters"], r["note"]) for r in torchreg.summary(net).records]
-        [('0', ['weight'], ''), ('1', [], 'rule #1 Module selects no parameter here')]
+        [('0', ['weight'], ''), ('1', [], 'selects no parameter here')]
     """
     check_module(module, "summary")
     prefixes = {id(m): name for name, m in module.named_modules()}
@@ -117,7 +124,7 @@ def summary(module: nn.Module) -> Summary:
                     r["numel"] += entry.param.numel()
                     r["penalty"] = (r["penalty"] or 0.0) + float(entry.rule.penalty(entry.param))
         for skip in unit.skipped:
-            row(skip.name, skip.module_type, "-", None)["note"] = skip.reason
+            row(skip.name, skip.module_type, skip.origin, None)["note"] = skip.reason
         order = {name: i for i, (name, _) in enumerate(unit.root.named_modules())}
         records.extend(sorted(rows.values(), key=lambda r: order.get(r.pop("_path"), -1)))
     return Summary(records)

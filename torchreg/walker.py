@@ -103,9 +103,10 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
     A matched module is regularized for the parameters it owns directly, with the rule's selection
     (by default its weights: no biases, nothing of a normalization layer). The value of a rule is a
     regularizer (``torchreg.L1(lam=1e-4)``), a ``functools.partial`` of one
-    (``functools.partial(torchreg.L1, lam=1e-4)``), or ``None``, which leaves the module alone whatever
-    later rules say. A matched module with nothing selected (an activation, a norm layer caught by a
-    pattern) is skipped and listed as such by :func:`torchreg.summary`.
+    (``functools.partial(torchreg.L1, lam=1e-4)``), or ``None``, which leaves the module *and its
+    submodules* alone whatever later rules say. A matched module with nothing selected (an activation,
+    a norm layer caught by a pattern) is skipped and listed as such by :func:`torchreg.summary`; a
+    rule that matches no module, or selects no parameter in the modules it matches, warns.
 
     The whole model is one unit: whenever a backward reaches any regularized parameter, every
     regularized parameter gets its gradient term once, exactly as ``loss + torchreg.penalty(model)``
@@ -115,7 +116,7 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
     Args:
         model: the model to regularize.
         rules: an ordered mapping from rule key to rule value, as above.
-        strict: raise instead of warning when a rule matches no module.
+        strict: raise instead of warning when a rule matches no module or selects no parameter.
 
     Returns:
         ``model``, with its parameters, ``state_dict`` and forward unchanged.
@@ -124,7 +125,7 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
         TypeError: ``model`` is not a module instance, or a rule key or value has the wrong type.
         ValueError: ``model`` is regularized already (applying twice would double the penalty), a
             selected parameter is regularized by another call, or (``strict=True``) a rule matches
-            nothing. Nothing is changed when it raises.
+            no module or selects no parameter. Nothing is changed when it raises.
 
     Example::
 
@@ -145,10 +146,14 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
     check_module(model, "apply_regularization")
     compiled = _compile_rules(rules)
     hits = [0] * len(compiled)
+    selected = [0] * len(compiled)
     entries: List[_engine.Entry] = []
     skipped: List[_engine.Skipped] = []
+    excluded: List[str] = []
     taken: Dict[int, str] = {}
     for path, module in model.named_modules():
+        if any(_inside(path, prefix) for prefix in excluded):
+            continue
         index = next((i for i, rule in enumerate(compiled) if rule.matches(path, module)), None)
         if index is None:
             continue
@@ -156,27 +161,38 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
         rule = compiled[index]
         kind = type(module).__name__
         if rule.regularizer is None:
-            skipped.append(_engine.Skipped(path, kind, f"excluded by rule {rule.label}"))
+            excluded.append(path)
+            skipped.append(_engine.Skipped(path, kind, f"rule {rule.label}", "excluded, with its submodules"))
             continue
         chosen = select(module, rule.regularizer.params, recurse=False)
+        selected[index] += len(chosen)
         if not chosen and (module._parameters or not module._modules):  # containers are walked into
-            skipped.append(_engine.Skipped(path, kind, f"rule {rule.label} selects no parameter here"))
+            skipped.append(_engine.Skipped(path, kind, f"rule {rule.label}", "selects no parameter here"))
         for leaf, p in chosen:
             name = f"{path}.{leaf}" if path else leaf
             if id(p) in taken:
-                skipped.append(_engine.Skipped(path, kind, f"{leaf} is {taken[id(p)]}, regularized once"))
+                skipped.append(_engine.Skipped(path, kind, f"rule {rule.label}",
+                                               f"{leaf} is {taken[id(p)]}, regularized once"))
                 continue
             taken[id(p)] = name
             entries.append(_engine.Entry(name, p, rule.regularizer, f"rule {rule.label}"))
-    unmatched = [rule.label for rule, n in zip(compiled, hits) if n == 0]
-    if unmatched:
-        message = f"apply_regularization: rule(s) {', '.join(unmatched)} matched no module of {type(model).__name__}"
+    problems = [f"rule {r.label} matched no module" for r, n in zip(compiled, hits) if n == 0] + [
+        f"rule {r.label} matched {n} module(s) but selected no parameter of them"
+        for r, n, k in zip(compiled, hits, selected)
+        if n and not k and r.regularizer is not None
+    ]
+    if problems:
+        message = f"apply_regularization on {type(model).__name__}: " + "; ".join(problems)
         if strict:
             raise ValueError(message)
         warnings.warn(message, UserWarning, stacklevel=2)
-    if entries:
+    if entries or skipped:
         _engine.attach(model, entries, skipped)
     return model
+
+
+def _inside(path: str, prefix: str) -> bool:
+    return prefix == "" or path == prefix or path.startswith(prefix + ".")
 
 
 def remove_regularization(module: M) -> M:
@@ -202,7 +218,10 @@ def remove_regularization(module: M) -> M:
     check_module(module, "remove_regularization")
     units = list(_engine.units_in(module))
     if not units:
-        raise ValueError(f"no torchreg regularization found on {type(module).__name__} or its submodules")
+        enclosing = next((u for u in map(_engine.owner_of, module.parameters()) if u is not None), None)
+        where = (f"; its parameters are regularized by a call on an enclosing {type(enclosing.root).__name__}:"
+                 " remove it there" if enclosing is not None else "")
+        raise ValueError(f"no torchreg regularization found on {type(module).__name__} or its submodules{where}")
     for unit in units:
         unit.uninstall()
     return module
