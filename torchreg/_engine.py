@@ -109,6 +109,42 @@ def units_in(module: nn.Module) -> Iterator["Unit"]:
             yield unit
 
 
+class _DistributedSweep:
+    """Under a multi-rank process group: units that this rank's backward did not reach but that DDP
+    gave a gradient (their parameters were used on another rank) get their terms too, after the
+    averaging, so that every rank adds the same terms. Such a unit is recognized by a parameter whose
+    ``.grad`` was None when the backward began and is set when it ends (``zero_grad(set_to_none=True)``,
+    the default, makes this visible; with ``set_to_none=False`` it cannot be told apart)."""
+
+    live: "weakref.WeakSet[Unit]" = weakref.WeakSet()
+    task = -1
+    active: set = set()
+    had_no_grad: Dict[int, Tuple["Unit", List[bool]]] = {}
+
+    @classmethod
+    def begin(cls, unit: "Unit", task: int) -> None:
+        if cls.task != task:
+            cls.task, cls.active = task, set()
+            cls.had_no_grad = {id(u): (u, [e.param.grad is None for e in u.entries]) for u in list(cls.live)}
+            _queue_callback(cls._end_of_backward)
+        cls.active.add(id(unit))
+
+    @classmethod
+    def _end_of_backward(cls) -> None:
+        _queue_callback(cls._finish)
+
+    @classmethod
+    def _finish(cls) -> None:
+        try:
+            for key, (unit, none_before) in cls.had_no_grad.items():
+                if key not in cls.active and any(
+                    was_none and e.param.grad is not None for was_none, e in zip(none_before, unit.entries)
+                ):
+                    unit._add_all()
+        finally:
+            cls.task, cls.active, cls.had_no_grad = -1, set(), {}
+
+
 class _LazyWatch:
     """Forward hook on a unit's root while some covered parameter is still uninitialized."""
 
@@ -155,6 +191,7 @@ class Unit:
         self.grad_scaler = None  # a pickled model is reconfigured with its new scaler
         self._init_transient()
         self._register_ready()
+        _DistributedSweep.live.add(self)
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "Unit":
         new = Unit.__new__(Unit)
@@ -172,11 +209,13 @@ class Unit:
             if any(_is_lazy(e.param) for e in self.entries):
                 self._lazy_handle = self.root.register_forward_hook(_LazyWatch(self))
             setattr(self.root, ATTR, self)
+            _DistributedSweep.live.add(self)
         except BaseException:
             self.uninstall()
             raise
 
     def uninstall(self) -> None:
+        _DistributedSweep.live.discard(self)
         for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
@@ -217,12 +256,25 @@ class Unit:
                 )
             self._task = task
             self._seen = set()
-            self._alpha = 1.0 / self.accumulation_steps
-            scaler = self.grad_scaler
-            self._scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
-            self._scales = {}
+            self._read_factors()
             self._deferred = _distributed()
+            if self._deferred:
+                _DistributedSweep.begin(self, task)
             _queue_callback(self._end_of_backward)
+
+    def _read_factors(self) -> None:
+        self._alpha = 1.0 / self.accumulation_steps
+        scaler = self.grad_scaler
+        self._scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
+        self._scales = {}
+
+    def _add_all(self) -> None:
+        """Add the term of every trainable covered parameter (a unit reached on another rank only)."""
+        self._read_factors()
+        for entry in self.entries:
+            if entry.param.requires_grad and not _is_lazy(entry.param):
+                self._add(entry, entry.param)
+        self._scales = {}
 
     def _end_of_backward(self) -> None:
         # Queued again so that it runs after the callbacks queued during the backward (DDP's).
