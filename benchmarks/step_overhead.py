@@ -373,7 +373,7 @@ def report(w: Workload, variants: Sequence[Variant], device: torch.device) -> Tu
 
     def target(label: str, value: Optional[float], limit: float) -> None:
         if value is None:
-            targets.append(f"  {label:<46} n/a (variant not run or floor overhead <= 0)")
+            targets.append(f"  {label:<46} {'n/a':>6} (variant not run, or floor overhead <= 0)")
             return
         if value <= limit:
             verdict = f"met, {limit - value:.2f} under the limit"
