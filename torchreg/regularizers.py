@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Type, TypeVar, overload
 from torch import Tensor, nn
 
 from . import _engine
-from ._ops import add_scaled_, sgn, sum_of_squares
+from ._ops import add_scaled_, add_sign_, sum_of_squares
 from ._select import Selection, check_selection, describe_selection, select
 from ._validate import check_module, check_strength
 
@@ -197,7 +197,7 @@ class L1(_OneStrength):
 
     def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
         if self.lam:
-            add_scaled_(grad, sgn(param), self.lam * alpha, scale)
+            add_sign_(grad, param, self.lam * alpha, scale)
 
 
 class L2(_OneStrength):
@@ -290,4 +290,4 @@ class ElasticNet(Regularizer):
         if self.l2:
             add_scaled_(grad, param, self.l2 * alpha, scale)
         if self.l1:
-            add_scaled_(grad, sgn(param), self.l1 * alpha, scale)
+            add_sign_(grad, param, self.l1 * alpha, scale)
