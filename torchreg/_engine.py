@@ -8,6 +8,9 @@ It adds each covered parameter's gradient term exactly once per backward pass:
   called several times, a weight tied between layers: still once), whether or not the layer's input
   required grad and whatever in-place op follows it. It adds the term in place while the gradient is
   still in cache. It does not fire for ``torch.autograd.grad``, which therefore changes no ``.grad``.
+  The hook is a closure that does the common case (a dense gradient, one process) with a function built once per backward from the rules' strengths and factors
+  (``Regularizer._adder``); every other case goes through :meth:`Unit._add`. Per tensor this costs
+  about one Python call more than the ``add_`` itself (benchmarks/README.md).
 * The first hook of a unit in a backward queues an end-of-backward callback; that callback queues a
   second one, which runs after every callback queued during the backward (DistributedDataParallel's
   reducer finalization among them). It adds the term to the unit's parameters that this backward did
@@ -24,7 +27,6 @@ The regularizers (``regularizers.py``) say *what* term is added; nothing here de
 from __future__ import annotations
 
 import copy
-import functools
 import sys
 import threading
 import warnings
@@ -36,6 +38,8 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ._ops import Adder
+
 __all__ = ["ATTR", "Entry", "Skipped", "Unit", "attach", "units_in", "owner_of"]
 
 #: The one attribute torchreg sets on a user's module: the :class:`Unit` applied to it.
@@ -43,6 +47,7 @@ ATTR = "_torchreg_unit"
 
 _current_task = torch._C._current_graph_task_id
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
+_STRIDED = torch.strided
 
 
 class Entry(NamedTuple):
@@ -96,9 +101,29 @@ def _is_lazy(p: Tensor) -> bool:
 def owner_of(p: Tensor) -> Optional["Unit"]:
     """The unit whose hook is registered on ``p``, if any."""
     for hook in (getattr(p, "_post_accumulate_grad_hooks", None) or {}).values():
-        if isinstance(hook, functools.partial) and isinstance(getattr(hook.func, "__self__", None), Unit):
-            return hook.func.__self__
+        unit = getattr(hook, ATTR, None)
+        if isinstance(unit, Unit):
+            return unit
     return None
+
+
+def _make_hook(unit: "Unit", index: int) -> Callable[[Tensor], None]:
+    """The post-accumulate-grad hook of ``unit.entries[index]``: the hot path, kept to a few lines."""
+
+    def hook(param: Tensor) -> None:
+        if unit._task != _current_task():
+            unit._begin()
+        unit._seen.add(index)
+        add = unit._adders[index]
+        if add is not None:
+            grad = param.grad
+            if grad is not None and grad.layout is _STRIDED:
+                add(grad, param)
+                return
+        unit._on_grad(index, param)
+
+    setattr(hook, ATTR, unit)  # for owner_of
+    return hook
 
 
 def units_in(module: nn.Module) -> Iterator["Unit"]:
@@ -177,6 +202,10 @@ class Unit:
         self._scale: Optional[Tensor] = None
         self._scales: Dict[torch.device, Tensor] = {}
         self._deferred = False
+        self._rules = list({id(e.rule): e.rule for e in self.entries}.values())
+        self._none: List[Optional[Adder]] = [None] * len(self.entries)
+        self._adders = self._none  # per entry, for the backward in progress; None: take Unit._add
+        self._cached: Tuple[Any, List[Optional[Adder]]] = (None, self._none)  # (key, adders) without a scale
         self._last_step = -1
         self._probe: Optional[Tuple[int, Any]] = None
         self._backwards = 0
@@ -230,15 +259,14 @@ class Unit:
         for i, entry in enumerate(self.entries):
             p = entry.param
             if i not in self._handles and p.requires_grad and not _is_lazy(p):
-                self._handles[i] = p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
+                self._handles[i] = p.register_post_accumulate_grad_hook(_make_hook(self, i))
         if self._lazy_handle is not None and not any(_is_lazy(e.param) for e in self.entries):
             self._lazy_handle.remove()
             self._lazy_handle = None
 
     def _on_grad(self, index: int, param: Tensor) -> None:
-        if self._task != _current_task():
-            self._begin()
-        self._seen.add(index)
+        """The hook's uncommon cases: no or a sparse gradient, a scale on another device, a rule
+        without an adder; under a process group, nothing until the end."""
         if not self._deferred:
             self._add(self.entries[index], param)
 
@@ -258,9 +286,29 @@ class Unit:
             self._seen = set()
             self._read_factors()
             self._deferred = _distributed()
+            self._adders = self._build_adders()
             if self._deferred:
                 _DistributedSweep.begin(self, task)
             _queue_callback(self._end_of_backward)
+
+    def _build_adders(self) -> List[Optional[Adder]]:
+        """Each entry's adder for this backward (None: the hook calls :meth:`_add`). Rebuilt only when
+        a strength or a factor changed; with a grad scaler, every backward (parameters may have moved
+        to another device than the scale's since the last one)."""
+        if self._deferred:
+            return self._none
+        scale = self._scale
+        key = (self._alpha, [rule._strength_values() for rule in self._rules])
+        if scale is None and key == self._cached[0]:
+            return self._cached[1]
+        by_rule = {id(rule): rule._adder(self._alpha, scale) for rule in self._rules}
+        adders = [by_rule[id(e.rule)] for e in self.entries]
+        if scale is None:
+            self._cached = (key, adders)
+        else:
+            device = scale.device
+            adders = [a if e.param.device == device else None for a, e in zip(adders, self.entries)]
+        return adders
 
     def _read_factors(self) -> None:
         self._alpha = 1.0 / self.accumulation_steps
@@ -293,6 +341,7 @@ class Unit:
             self._task = -1
             self._seen = set()
             self._scales = {}
+            self._adders = self._none  # (drops the references to a grad scaler's scale)
 
     def _add(self, entry: Entry, p: Tensor) -> None:
         g = p.grad
@@ -307,11 +356,7 @@ class Unit:
             scale = self._scales.get(g.device)
             if scale is None:
                 scale = self._scales[g.device] = self._scale.to(g.device, non_blocking=True)
-        if torch.is_grad_enabled():  # a backward with create_graph=True
-            with torch.no_grad():
-                entry.rule.grad_(g, p, self._alpha, scale)
-        else:
-            entry.rule.grad_(g, p, self._alpha, scale)
+        entry.rule.grad_(g, p, self._alpha, scale)
 
     # -- the accumulation guard -----------------------------------------------------------------------
     def _count_backward(self) -> None:

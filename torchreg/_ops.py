@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["add_scaled_", "add_sign_", "sum_of_squares"]
+__all__ = ["Adder", "add_scaled_", "add_sign_", "both", "nothing", "scaled_adder", "sign_adder", "sum_of_squares"]
+
+#: ``f(grad, param)``: adds a fixed term to ``grad`` in place (built once per backward, called per tensor).
+Adder = Callable[[Tensor, Tensor], None]
 
 
 def add_scaled_(grad: Tensor, x: Tensor, coef: float, scale: Optional[Tensor]) -> None:
@@ -55,3 +59,48 @@ def add_sign_(grad: Tensor, p: Tensor, coef: float, scale: Optional[Tensor]) -> 
         chunk = buf[: min(_CHUNK, n - start)]
         torch.sgn(flat_p[start : start + _CHUNK], out=chunk)
         add_scaled_(flat_g[start : start + _CHUNK], chunk, coef, scale)
+
+
+def scaled_adder(coef: float, scale: Optional[Tensor]) -> Adder:
+    """``f(grad, x)`` doing ``add_scaled_(grad, x, coef, scale)`` without a Python frame of its own."""
+    if scale is None:
+        return functools.partial(Tensor.add_, alpha=coef)
+    return functools.partial(Tensor.addcmul_, tensor2=scale, value=coef)
+
+
+def sign_adder(coef: float, scale: Optional[Tensor]) -> Adder:
+    """``f(grad, p)`` doing ``add_sign_(grad, p, coef, scale)`` with one Python frame in the common case."""
+    sgn = torch.sgn
+    maybe_large = _LARGE // 8  # elements; above this add_sign_ looks at the size in bytes (8: float64)
+
+    if scale is None:
+
+        def add(grad: Tensor, p: Tensor) -> None:
+            if p.numel() > maybe_large:
+                add_sign_(grad, p, coef, None)
+            else:
+                grad.add_(sgn(p), alpha=coef)
+
+    else:
+
+        def add(grad: Tensor, p: Tensor) -> None:
+            if p.numel() > maybe_large:
+                add_sign_(grad, p, coef, scale)
+            else:
+                grad.addcmul_(sgn(p), scale, value=coef)
+
+    return add
+
+
+def both(first: Adder, second: Adder) -> Adder:
+    """``f(grad, p)`` applying ``first`` then ``second``."""
+
+    def add(grad: Tensor, p: Tensor) -> None:
+        first(grad, p)
+        second(grad, p)
+
+    return add
+
+
+def nothing(grad: Tensor, p: Tensor) -> None:
+    """The adder of a zero strength: leaves ``grad`` as it is."""

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Type, TypeVar, overload
 from torch import Tensor, nn
 
 from . import _engine
-from ._ops import add_scaled_, add_sign_, sum_of_squares
+from ._ops import Adder, add_scaled_, add_sign_, both, nothing, scaled_adder, sign_adder, sum_of_squares
 from ._select import Selection, check_selection, describe_selection, select
 from ._validate import check_module, check_strength
 
@@ -81,6 +81,15 @@ class Regularizer:
     def is_zero(self) -> bool:
         """True when every strength is 0: the gradient is left exactly as it is."""
         return all(getattr(self, name) == 0.0 for name in self._strengths)
+
+    def _adder(self, alpha: float, scale: Optional[Tensor]) -> Optional[Adder]:
+        """``f(grad, param)`` doing ``grad_(grad, param, alpha, scale)`` for a dense ``grad``, built once
+        per backward for the hooks' hot path; None makes the engine call :meth:`grad_` instead (the
+        default, so that a subclass with its own :meth:`grad_` is always honoured)."""
+        return None
+
+    def _strength_values(self) -> tuple:
+        return tuple(self.__dict__[name] for name in self._strengths)
 
     # -- use ------------------------------------------------------------------------------------
     def apply(self, module: M) -> M:
@@ -199,6 +208,11 @@ class L1(_OneStrength):
         if self.lam:
             add_sign_(grad, param, self.lam * alpha, scale)
 
+    def _adder(self, alpha: float, scale: Optional[Tensor]) -> Optional[Adder]:
+        if type(self).grad_ is not L1.grad_:
+            return None
+        return sign_adder(self.lam * alpha, scale) if self.lam else nothing
+
 
 class L2(_OneStrength):
     """L2 regularization (weight decay): adds ``lam * w`` to each selected weight's gradient.
@@ -236,6 +250,11 @@ class L2(_OneStrength):
     def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
         if self.lam:
             add_scaled_(grad, param, self.lam * alpha, scale)
+
+    def _adder(self, alpha: float, scale: Optional[Tensor]) -> Optional[Adder]:
+        if type(self).grad_ is not L2.grad_:
+            return None
+        return scaled_adder(self.lam * alpha, scale) if self.lam else nothing
 
 
 class ElasticNet(Regularizer):
@@ -291,3 +310,13 @@ class ElasticNet(Regularizer):
             add_scaled_(grad, param, self.l2 * alpha, scale)
         if self.l1:
             add_sign_(grad, param, self.l1 * alpha, scale)
+
+    def _adder(self, alpha: float, scale: Optional[Tensor]) -> Optional[Adder]:
+        if type(self).grad_ is not ElasticNet.grad_:
+            return None
+        parts = []
+        if self.l2:
+            parts.append(scaled_adder(self.l2 * alpha, scale))
+        if self.l1:
+            parts.append(sign_adder(self.l1 * alpha, scale))
+        return both(*parts) if len(parts) == 2 else parts[0] if parts else nothing
