@@ -14,7 +14,11 @@
    no hook; a no-op Python post-accumulate-grad hook; the minimal hook ``p.grad.add_(p)`` /
    ``p.grad.add_(torch.sgn(p))``; torchreg L2 / L1. The differences split the per-tensor cost into
    calling a Python hook, torchreg's bookkeeping, and the kernels' dispatch.
-4. cProfile of the deep MLP's backward with torchreg L1: Python functions by own time per call.
+4. The same split at model level: full training steps of the deep MLP (300 tensors of 64 x 64 / 64
+   floats), step_overhead.py's protocol, with hooks that do less than torchreg (a no-op hook; the
+   minimal ``add_`` / ``add_(sgn)`` hook) and the same ``add_`` run as a Python loop after backward:
+   what one in-place pass per tensor costs there however it is issued, against ``SGD(weight_decay)``.
+5. cProfile of the deep MLP's backward with torchreg L1: Python functions by own time per call.
 
 Run: python benchmarks/profile_overhead.py [--steps K]
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
+import functools
 import os
 import pstats
 import random
@@ -162,6 +167,51 @@ def ladder(n: int, rounds: int, warmup: int) -> None:
         print(f"{k:<18}{t * 1e3:>13.3f}{(t - t_none) / n * 1e6:>26.2f}")
 
 
+def deep_decomposition(rounds: int, warmup: int) -> None:
+    lam = so.LAM
+    torch.manual_seed(0)
+    w = so.deep_mlp()
+    names = so.selected_names(w.model, "all")
+    dev = torch.device("cpu")
+    variants = so.make_variants(w.model, names, "all", dev, which=["none", "wd", "floor", "L2", "L1"])
+    add = functools.partial(torch.Tensor.add_, alpha=lam)
+
+    def noop_hook(p: torch.Tensor) -> None:
+        return None
+
+    def l2_hook(p: torch.Tensor) -> None:
+        add(p.grad, p)
+
+    def l1_hook(p: torch.Tensor) -> None:
+        add(p.grad, torch.sgn(p))
+
+    for name, hook in (("no-op hook", noop_hook), ("minimal L2 hook", l2_hook), ("minimal L1 hook", l1_hook)):
+        (v,) = so.make_variants(w.model, names, "all", dev, which=["none"])
+        v.name = name
+        for p in v.model.parameters():
+            p.register_post_accumulate_grad_hook(hook)
+        variants.append(v)
+    (v,) = so.make_variants(w.model, names, "all", dev, which=["none"])
+    params = list(v.model.parameters())
+
+    def loop_after() -> None:
+        for p in params:
+            add(p.grad, p)
+
+    v.name, v.after_backward = "L2 add_ loop after bw", loop_after
+    variants.append(v)
+    so.run_rounds(variants, w, warmup, rounds, dev, seed=0)
+    none = variants[0]
+    n = len(params)
+    print()
+    print(f"== model level, deep_mlp ({n} tensors, all regularized): full steps, {warmup} warm-up + {rounds} "
+          "rounds interleaved; overhead = median paired difference to none")
+    print(f"{'variant':<26}{'step ms':>10}{'overhead ms':>13}{'us per tensor':>15}")
+    for v in variants:
+        ovh = so.paired_overhead(v, none)
+        print(f"{v.name:<26}{so.median(v.times) * 1e3:>10.3f}{ovh * 1e3:>13.3f}{ovh / n * 1e6:>15.2f}")
+
+
 def sign_temporary(rounds: int) -> None:
     """Kernel-level: the L1 update of one tensor with and without a full-size sign temporary."""
     lam = so.LAM
@@ -247,6 +297,7 @@ def main() -> int:
         profile_model(name, args.steps, warmup=1 if args.quick else 5)
     ladder(1000, rounds=3 if args.quick else 60, warmup=1 if args.quick else 5)
     sign_temporary(3 if args.quick else 30)
+    deep_decomposition(3 if args.quick else 150, warmup=1 if args.quick else 15)
     cprofile_deep(2 if args.quick else 20)
     print(f"\nload average at end: {so.loadavg()}")
     return 0
