@@ -9,7 +9,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Adder", "add_scaled_", "add_sign_", "both", "nothing", "scaled_adder", "sign_adder", "sum_of_squares"]
+__all__ = [
+    "Adder", "add_elastic_", "add_scaled_", "add_sign_", "elastic_adder", "nothing", "scaled_adder", "sign_adder",
+    "sum_of_squares",
+]
 
 #: ``f(grad, param)``: adds a fixed term to ``grad`` in place (built once per backward, called per tensor).
 Adder = Callable[[Tensor, Tensor], None]
@@ -35,30 +38,48 @@ _LARGE = 32 << 20  # bytes: glibc serves larger blocks with fresh, page-faulting
 _local = threading.local()  # one sign buffer per thread that runs hooks
 
 
-def add_sign_(grad: Tensor, p: Tensor, coef: float, scale: Optional[Tensor]) -> None:
-    """``grad += coef * scale * sgn(p)`` in place.
+def _large_on_cpu(grad: Tensor, p: Tensor) -> bool:
+    return (
+        p.device.type == "cpu"
+        and not p.is_complex()
+        and p.numel() * p.element_size() > _LARGE
+        and p.is_contiguous()
+        and grad.is_contiguous()
+    )
 
-    For a contiguous CPU tensor above 32 MiB the sign goes chunk by chunk through one reused 4 MB
-    buffer per thread instead of a full-size temporary, whose fresh pages cost several times the
-    kernel itself (benchmarks/README.md: a 64 MB tensor 23.3 ms -> 5.0 ms). Bitwise the same result.
+
+def add_elastic_(grad: Tensor, p: Tensor, l1: float, l2: float, scale: Optional[Tensor]) -> None:
+    """``grad += l2 * scale * p`` (if ``l2``), then ``grad += l1 * scale * sgn(p)`` (if ``l1``), in place.
+
+    For a contiguous CPU tensor above 32 MiB both go chunk by chunk (4 MB), the sign through one reused
+    buffer per thread: no full-size temporary, whose fresh pages cost several times the kernel itself
+    (benchmarks/README.md: a 64 MB tensor 23.3 ms -> 5.0 ms), and each chunk of ``grad`` gets both
+    terms while it is in cache. Elementwise, in the same order: bitwise the result of the two updates.
     """
-    n = p.numel()
-    if (
-        p.device.type != "cpu"
-        or p.is_complex()
-        or n * p.element_size() <= _LARGE
-        or not (p.is_contiguous() and grad.is_contiguous())
-    ):
-        add_scaled_(grad, torch.sgn(p), coef, scale)
+    if not _large_on_cpu(grad, p):
+        if l2:
+            add_scaled_(grad, p, l2, scale)
+        if l1:
+            add_scaled_(grad, torch.sgn(p), l1, scale)
         return
     buf = getattr(_local, "buf", None)
     if buf is None or buf.dtype != p.dtype:
         buf = _local.buf = torch.empty(_CHUNK, dtype=p.dtype)
+    n = p.numel()
     flat_p, flat_g = p.view(-1), grad.view(-1)
     for start in range(0, n, _CHUNK):
-        chunk = buf[: min(_CHUNK, n - start)]
-        torch.sgn(flat_p[start : start + _CHUNK], out=chunk)
-        add_scaled_(flat_g[start : start + _CHUNK], chunk, coef, scale)
+        g, q = flat_g[start : start + _CHUNK], flat_p[start : start + _CHUNK]
+        if l2:
+            add_scaled_(g, q, l2, scale)
+        if l1:
+            sign = buf[: q.numel()]
+            torch.sgn(q, out=sign)
+            add_scaled_(g, sign, l1, scale)
+
+
+def add_sign_(grad: Tensor, p: Tensor, coef: float, scale: Optional[Tensor]) -> None:
+    """``grad += coef * scale * sgn(p)`` in place (see :func:`add_elastic_` for tensors above 32 MiB)."""
+    add_elastic_(grad, p, coef, 0.0, scale)
 
 
 def scaled_adder(coef: float, scale: Optional[Tensor]) -> Adder:
@@ -68,36 +89,32 @@ def scaled_adder(coef: float, scale: Optional[Tensor]) -> Adder:
     return functools.partial(Tensor.addcmul_, tensor2=scale, value=coef)
 
 
+_MAYBE_LARGE = _LARGE // 8  # elements; above this the adders let add_elastic_ look at the bytes (8: float64)
+
+
 def sign_adder(coef: float, scale: Optional[Tensor]) -> Adder:
     """``f(grad, p)`` doing ``add_sign_(grad, p, coef, scale)`` with one Python frame in the common case."""
-    sgn = torch.sgn
-    maybe_large = _LARGE // 8  # elements; above this add_sign_ looks at the size in bytes (8: float64)
+    sgn, add_scaled = torch.sgn, scaled_adder(coef, scale)
 
-    if scale is None:
-
-        def add(grad: Tensor, p: Tensor) -> None:
-            if p.numel() > maybe_large:
-                add_sign_(grad, p, coef, None)
-            else:
-                grad.add_(sgn(p), alpha=coef)
-
-    else:
-
-        def add(grad: Tensor, p: Tensor) -> None:
-            if p.numel() > maybe_large:
-                add_sign_(grad, p, coef, scale)
-            else:
-                grad.addcmul_(sgn(p), scale, value=coef)
+    def add(grad: Tensor, p: Tensor) -> None:
+        if p.numel() > _MAYBE_LARGE:
+            add_elastic_(grad, p, coef, 0.0, scale)
+        else:
+            add_scaled(grad, sgn(p))
 
     return add
 
 
-def both(first: Adder, second: Adder) -> Adder:
-    """``f(grad, p)`` applying ``first`` then ``second``."""
+def elastic_adder(l1: float, l2: float, scale: Optional[Tensor]) -> Adder:
+    """``f(grad, p)`` doing ``add_elastic_(grad, p, l1, l2, scale)`` (both strengths non-zero)."""
+    sgn, add_l1, add_l2 = torch.sgn, scaled_adder(l1, scale), scaled_adder(l2, scale)
 
     def add(grad: Tensor, p: Tensor) -> None:
-        first(grad, p)
-        second(grad, p)
+        if p.numel() > _MAYBE_LARGE:
+            add_elastic_(grad, p, l1, l2, scale)
+        else:
+            add_l2(grad, p)
+            add_l1(grad, sgn(p))
 
     return add
 

@@ -25,7 +25,9 @@ from typing import Any, Dict, Optional, Type, TypeVar, overload
 from torch import Tensor, nn
 
 from . import _engine
-from ._ops import Adder, add_scaled_, add_sign_, both, nothing, scaled_adder, sign_adder, sum_of_squares
+from ._ops import (
+    Adder, add_elastic_, add_scaled_, add_sign_, elastic_adder, nothing, scaled_adder, sign_adder, sum_of_squares,
+)
 from ._select import Selection, check_selection, describe_selection, select
 from ._validate import check_module, check_strength
 
@@ -306,17 +308,12 @@ class ElasticNet(Regularizer):
         return self.l1 * param.abs().sum() + self.l2 / 2 * sum_of_squares(param)
 
     def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
-        if self.l2:
-            add_scaled_(grad, param, self.l2 * alpha, scale)
-        if self.l1:
-            add_sign_(grad, param, self.l1 * alpha, scale)
+        add_elastic_(grad, param, self.l1 * alpha, self.l2 * alpha, scale)
 
     def _adder(self, alpha: float, scale: Optional[Tensor]) -> Optional[Adder]:
         if type(self).grad_ is not ElasticNet.grad_:
             return None
-        parts = []
-        if self.l2:
-            parts.append(scaled_adder(self.l2 * alpha, scale))
-        if self.l1:
-            parts.append(sign_adder(self.l1 * alpha, scale))
-        return both(*parts) if len(parts) == 2 else parts[0] if parts else nothing
+        l1, l2 = self.l1 * alpha, self.l2 * alpha
+        if l1 and l2:
+            return elastic_adder(l1, l2, scale)
+        return sign_adder(l1, scale) if l1 else scaled_adder(l2, scale) if l2 else nothing
