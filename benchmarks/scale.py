@@ -59,6 +59,8 @@ def part_a(args: argparse.Namespace, device: torch.device) -> List[str]:
     gc.collect()
     t0 = time.perf_counter()
     so.run_rounds(variants, w, args.warmup, args.rounds, device, args.seed)
+    if device.type == "cpu":
+        so.cpu_peaks(variants, w)
     lines, targets = so.report(w, variants, device)
     for line in lines:
         print(line)

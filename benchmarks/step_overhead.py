@@ -20,6 +20,11 @@ Variants (all regularize the same parameter set, see ``--params``):
 * ``none again (A/A)`` a second, identical unregularized copy: its overhead should be 0, and what it
                      shows is the measurement noise of an overhead (read the ratios with it in mind).
 
+Memory: on CUDA, each timed step's peak (``max_memory_allocated`` minus the memory allocated when the
+step starts); on CPU, after the timed rounds, one step per variant under torch.profiler's memory
+profile, whose peak is the most memory held at once by the tensors that step creates. Either way the
+``peak - none`` column is a variant's extra, compared with the largest regularized tensor.
+
 Run ``python benchmarks/step_overhead.py --help``; see benchmarks/README.md for results.
 """
 
@@ -34,7 +39,7 @@ import random
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -295,6 +300,35 @@ def run_rounds(variants: Sequence[Variant], w: Workload, warmup: int, rounds: in
                     v.peaks.append(torch.cuda.max_memory_allocated(device) - start_mem)
 
 
+def _peak_of_new_tensors(prof: Any) -> int:
+    """Bytes: the most memory held at once, during the profiled step, by tensors created in it."""
+    from torch.profiler._memory_profiler import Action  # private: the data behind export_memory_timeline
+
+    live: Dict[Any, int] = {}
+    current = peak = 0
+    for _, action, (key, _version), size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            live[key] = size
+            current += size
+        elif action == Action.DESTROY and key in live:
+            current -= live.pop(key)
+        peak = max(peak, current)
+    return peak
+
+
+def cpu_peaks(variants: Sequence[Variant], w: Workload) -> None:
+    """On CPU, one profiled training step per variant (after the timed ones): ``v.peaks`` gets the peak
+    memory of the tensors the step creates (torch.profiler's memory profile; the CPU has no
+    ``max_memory_allocated``). Deterministic for a given step, so one step is enough."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for v in variants:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            train_step(v, w)
+        v.peaks = [_peak_of_new_tensors(prof)]
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 
@@ -350,12 +384,12 @@ def report(w: Workload, variants: Sequence[Variant], device: torch.device) -> Tu
     t_ref = median(ref.times)
     floor = by.get("floor (foreach add)")
     floor_ovh = paired_overhead(floor, ref) if floor is not None else None
-    cuda = device.type == "cuda"
+    mem = bool(ref.peaks)
     head = f"{'variant':<22}{'step ms':>9}{'x none':>8}{'overhead ms':>13}{'/ floor ovh':>13}"
-    if cuda:
+    if mem:
         head += f"{'peak MB':>10}{'peak - none MB':>16}"
     lines = [head, "-" * len(head)]
-    peak_ref = median(ref.peaks) if cuda else 0
+    peak_ref = median(ref.peaks) if mem else 0
     for v in variants:
         t = median(v.times)
         ovh = paired_overhead(v, ref) if v is not ref else 0.0
@@ -364,7 +398,7 @@ def report(w: Workload, variants: Sequence[Variant], device: torch.device) -> Tu
             rel = ovh / floor_ovh
         line = (f"{v.name:<22}{t * 1e3:>9.2f}{t / t_ref:>8.3f}{ovh * 1e3:>13.3f}"
                 f"{fmt_ratio(rel) if v is not ref else '-':>13}")
-        if cuda:
+        if mem:
             pk = median(v.peaks)
             line += f"{pk / 2**20:>10.1f}{(pk - peak_ref) / 2**20:>16.1f}"
         lines.append(line)
@@ -405,6 +439,14 @@ def report(w: Workload, variants: Sequence[Variant], device: torch.device) -> Tu
     target("torchreg L2 overhead / floor overhead", over_floor("torchreg L2"), 1.25)
     target("torchreg L1 overhead / floor overhead", over_floor("torchreg L1"), 1.5)
     target("torchreg ElasticNet overhead / floor overhead", over_floor("torchreg ElasticNet"), 1.5)
+    if mem:
+        largest = max(p.numel() * p.element_size() for p in by["torchreg L2"].model.parameters())
+        for name in ("torchreg L2", "torchreg L1", "torchreg ElasticNet"):
+            extra = median(by[name].peaks) - peak_ref
+            target(f"{name} peak - none / largest", extra / largest, 1.0)
+        pens = [f"{n} {(median(by[n].peaks) - peak_ref) / 2**20:.3g} MB" for n in ("penalty L2", "penalty L1") if n in by]
+        targets.append(f"    (info: largest regularized tensor {largest / 2**20:.3g} MB; peak - none of "
+                       f"{', '.join(pens) or 'the penalties: not run'})")
     return lines, targets
 
 
@@ -435,6 +477,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: os.cpu_count())")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-memory", dest="memory", action="store_false",
+                    help="on CPU, skip the peak-memory columns (one profiled step per variant)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 3 timed rounds after 1 warm-up round (numbers are meaningless)")
     args = ap.parse_args(argv)
@@ -512,6 +556,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("   " + check_gradients(variants, w, sel))
         t0 = time.perf_counter()
         run_rounds(variants, w, args.warmup, args.steps, device, args.seed + k)
+        if device.type == "cpu" and args.memory:
+            cpu_peaks(variants, w)
         lines, targets = report(w, variants, device)
         for line in lines:
             print(line)
