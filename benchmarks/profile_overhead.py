@@ -9,7 +9,8 @@
    total self CPU time of all ops.
    The profiler adds a little time per op, which inflates ops on tiny tensors; it is used for the
    split by op, the wall-clock step times come from step_overhead.py.
-2. The L1 update of one tensor with and without the full-size sign temporary (kernel level).
+2. The L1 update of one tensor with and without the full-size sign temporary (kernel level), and
+   ElasticNet's update of a 64 MB tensor as two passes or both terms chunk by chunk.
 3. A hook-cost ladder on N tiny tensors (no profiler: plain timing of ``loss.backward()``, medians):
    no hook; a no-op Python post-accumulate-grad hook; the minimal hook ``p.grad.add_(p)`` /
    ``p.grad.add_(torch.sgn(p))``; torchreg L2 / L1. The differences split the per-tensor cost into
@@ -252,6 +253,33 @@ def sign_temporary(rounds: int) -> None:
           "chunk through one reused 4 MB buffer)")
 
 
+def elastic_large(rounds: int) -> None:
+    """Kernel-level: ElasticNet's update of one 64 MB tensor, as two passes or chunk by chunk."""
+    from torchreg import _ops
+
+    lam = so.LAM
+    numel = 1 << 24
+    p, g = torch.randn(numel), torch.randn(numel)
+
+    def two_passes() -> None:  # the L2 pass over the whole tensor, then the chunked sign pass
+        _ops.add_scaled_(g, p, lam, None)
+        _ops.add_elastic_(g, p, lam, 0.0, None)
+
+    fns = {"floor add_(p)": lambda: g.add_(p, alpha=lam), "two passes": two_passes,
+           "per chunk (torchreg)": lambda: _ops.add_elastic_(g, p, lam, lam, None)}
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for r in range(rounds + 3):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            if r >= 3:
+                times[k].append(time.perf_counter() - t0)
+    print()
+    print(f"== ElasticNet's update of one float32 tensor of {numel} elements (64 MB), median of {rounds} calls")
+    for k in fns:
+        print(f"{k:<24}{statistics.median(times[k]) * 1e3:>9.3f} ms")
+
+
 def cprofile_deep(steps: int) -> None:
     torch.manual_seed(0)
     w = so.deep_mlp()
@@ -297,6 +325,7 @@ def main() -> int:
         profile_model(name, args.steps, warmup=1 if args.quick else 5)
     ladder(1000, rounds=3 if args.quick else 60, warmup=1 if args.quick else 5)
     sign_temporary(3 if args.quick else 30)
+    elastic_large(3 if args.quick else 30)
     deep_decomposition(3 if args.quick else 150, warmup=1 if args.quick else 15)
     cprofile_deep(2 if args.quick else 20)
     print(f"\nload average at end: {so.loadavg()}")
