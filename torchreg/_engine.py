@@ -10,7 +10,7 @@ It adds each covered parameter's gradient term exactly once per backward pass:
   still in cache. It does not fire for ``torch.autograd.grad``, which therefore changes no ``.grad``.
   The hook is a closure that does the common case (a dense gradient, one process) with a function
   built once per backward from the rules' strengths and factors (``Regularizer._adder``); every
-  other case goes through :meth:`Unit._add`. Per tensor this costs ~0.3 us more than a bare
+  other case goes through :meth:`Unit._add`. Per tensor this costs ~1 us more than a bare
   ``p.grad.add_(p, alpha=lam)`` hook (benchmarks/README.md).
 * The first hook of a unit in a backward queues an end-of-backward callback; that callback queues a
   second one, which runs after every callback queued during the backward (DistributedDataParallel's
