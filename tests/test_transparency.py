@@ -68,6 +68,7 @@ def assert_no_torchreg_state(model: nn.Module) -> None:
     for name, m in model.named_modules():
         assert not hasattr(m, "_torchreg_unit"), f"_torchreg_unit left on {name!r}"
         assert not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks), name
+        assert not m._load_state_dict_post_hooks, f"load_state_dict hook left on {name!r}"
 
 
 def assert_same_state_dict(actual: Dict[str, Tensor], expected: Dict[str, Tensor]) -> None:
@@ -109,6 +110,41 @@ def test_bare_checkpoint_loads_into_regularized_model() -> None:
     assert not result.missing_keys and not result.unexpected_keys
     assert_same_state_dict(target.state_dict(), source.state_dict())
     assert all(p is q for p, q in zip(target.parameters(), params))
+    assert_regularizes_exactly(target, bare_copy(source))
+
+
+REGULARIZE_FORMS = {
+    "per layer": (regularize, PENALIZED),
+    "apply_regularization": (
+        lambda m: torchreg.apply_regularization(m, {nn.Linear: torchreg.ElasticNet(l1=0.05, l2=0.2)}),
+        [("0.weight", 0.05, 0.2), ("3.weight", 0.05, 0.2)],
+    ),
+}
+
+
+@pytest.mark.parametrize("form", list(REGULARIZE_FORMS))
+def test_checkpoint_loaded_with_assign_stays_regularized(form: str) -> None:
+    """``load_state_dict(..., assign=True)`` puts new parameter objects in the model: the
+    regularization follows them, and nothing is left on the old ones."""
+    apply, penalized = REGULARIZE_FORMS[form]
+    source = make_model(seed=1)
+    target = apply(make_model())
+    old = list(target.parameters())
+    target.load_state_dict(checkpoint(source), strict=True, assign=True)
+    assert all(p is not q for p, q in zip(target.parameters(), old))
+    assert not any(getattr(q, "_post_accumulate_grad_hooks", None) for q in old)
+    assert_same_state_dict(target.state_dict(), source.state_dict())
+    assert_regularizes_exactly(target, bare_copy(source), penalized)
+    assert torch.equal(torchreg.penalty(target), reference_penalty(source, penalized).detach())
+
+
+def test_meta_device_model_regularized_then_loaded_with_assign() -> None:
+    """Build on the meta device, regularize, then load real weights with ``assign=True``."""
+    source = make_model(seed=1)
+    with torch.device("meta"):
+        target = regularize(make_model())
+    target.load_state_dict(checkpoint(source), assign=True)
+    assert all(p.device.type == "cpu" for p in target.parameters())
     assert_regularizes_exactly(target, bare_copy(source))
 
 

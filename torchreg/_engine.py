@@ -19,6 +19,8 @@ It adds each covered parameter's gradient term exactly once per backward pass:
   ``loss + penalty`` would. Under an initialized process group with more than one rank, every term is
   added there, after the gradients are averaged: the same on every rank, whichever parameters each
   rank used.
+* A ``load_state_dict`` post-hook on the unit's root follows parameters that loading replaced by new
+  objects (``assign=True``): the hooks move to the new ones.
 * Each term is multiplied by ``1 / accumulation_steps`` and by the grad scaler's current scale (a
   device tensor, never read on the host), as declared with :func:`torchreg.configure`.
 
@@ -181,6 +183,17 @@ class _LazyWatch:
         self.unit._register_ready()
 
 
+class _Rebind:
+    """``load_state_dict`` post-hook on a unit's root: ``load_state_dict(..., assign=True)`` puts new
+    parameter objects in the modules, and the unit follows them (its hooks were on the old ones)."""
+
+    def __init__(self, unit: "Unit") -> None:
+        self.unit = unit
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        self.unit._rebind()
+
+
 class Unit:
     """The regularization applied by one call, on the module ``root`` it was applied to."""
 
@@ -191,6 +204,7 @@ class Unit:
         self.accumulation_steps = 1
         self.grad_scaler: Any = None
         self._lazy_handle: Any = None
+        self._load_handle: Any = None
         self._init_transient()
 
     # -- state that is not copied or pickled ------------------------------------------------------
@@ -213,7 +227,7 @@ class Unit:
         self._warned = False
 
     def __getstate__(self) -> Dict[str, Any]:
-        keep = ("root", "entries", "skipped", "accumulation_steps", "_lazy_handle")
+        keep = ("root", "entries", "skipped", "accumulation_steps", "_lazy_handle", "_load_handle")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -238,6 +252,7 @@ class Unit:
             self._register_ready()
             if any(_is_lazy(e.param) for e in self.entries):
                 self._lazy_handle = self.root.register_forward_hook(_LazyWatch(self))
+            self._load_handle = self.root.register_load_state_dict_post_hook(_Rebind(self))
             setattr(self.root, ATTR, self)
             _DistributedSweep.live.add(self)
         except BaseException:
@@ -252,6 +267,9 @@ class Unit:
         if self._lazy_handle is not None:
             self._lazy_handle.remove()
             self._lazy_handle = None
+        if self._load_handle is not None:
+            self._load_handle.remove()
+            self._load_handle = None
         if self.root.__dict__.get(ATTR) is self:
             delattr(self.root, ATTR)
 
@@ -264,6 +282,20 @@ class Unit:
         if self._lazy_handle is not None and not any(_is_lazy(e.param) for e in self.entries):
             self._lazy_handle.remove()
             self._lazy_handle = None
+
+    def _rebind(self) -> None:
+        """Follow parameters that were replaced by other objects under the same names."""
+        for i, entry in enumerate(self.entries):
+            try:
+                current = self.root.get_parameter(entry.name)
+            except AttributeError:  # no longer a parameter under this name: keep the one we have
+                continue
+            if current is not entry.param:
+                handle = self._handles.pop(i, None)
+                if handle is not None:
+                    handle.remove()
+                self.entries[i] = entry._replace(param=current)
+        self._register_ready()
 
     def _on_grad(self, index: int, param: Tensor) -> None:
         """The hook's uncommon cases: no or a sparse gradient, a scale on another device, a rule
