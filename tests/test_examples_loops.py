@@ -18,10 +18,10 @@ LOSS = re.compile(r"^step\s+\d+\s+loss (\S+)", re.MULTILINE)
 
 
 #: A gloo worker sometimes dies at interpreter exit, after its work and destroy_process_group() are done:
-#: "terminate called without an active exception" (SIGABRT), then torchrun exits 1. Seen with
-#: torchrun on a loaded 2-core machine, 1 run in 5 to 15, also with a barrier before
-#: destroy_process_group(); not seen with mp.spawn, retried there too. A teardown race outside torchreg: such a launch
-#: is retried, any other failure is not.
+#: "terminate called without an active exception" (SIGABRT), then torchrun exits 1. Seen with torchrun
+#: on a loaded 2-core machine, 1 run in 5 to 15, also with a barrier before destroy_process_group();
+#: not seen with mp.spawn (retried there too). A teardown race outside torchreg: a launch that fails
+#: this way is retried, any other failure is not.
 GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 
