@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
@@ -146,6 +147,45 @@ def test_meta_device_model_regularized_then_loaded_with_assign() -> None:
     target.load_state_dict(checkpoint(source), assign=True)
     assert all(p.device.type == "cpu" for p in target.parameters())
     assert_regularizes_exactly(target, bare_copy(source))
+
+
+def _replace_by_assignment(model: nn.Module) -> nn.Module:
+    model[0].weight = nn.Parameter(model[0].weight.detach().clone())
+    return model
+
+
+def _to_empty_from_meta(model: nn.Module) -> nn.Module:
+    with torch.device("meta"):
+        meta = regularize(make_model())
+    meta.to_empty(device="cpu")
+    with torch.no_grad():
+        for p, q in zip(meta.parameters(), model.parameters()):
+            p.copy_(q)
+    return meta
+
+
+@pytest.mark.parametrize("replace", [_replace_by_assignment, _to_empty_from_meta], ids=["assignment", "to_empty"])
+def test_parameters_replaced_after_regularizing_warn_at_the_first_step_then_are_followed(replace) -> None:
+    source = make_model(seed=1)
+    model = replace(regularize(bare_copy(source)))
+    ref = bare_copy(source)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss_fn(model).backward()  # before the first step: the replaced weights got no term
+    with pytest.warns(UserWarning, match=r"torchreg: \d+ regularized parameter\(s\) of .* replaced by new objects"):
+        opt.step()
+    assert_regularizes_exactly(model, ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        opt.step()
+
+
+def test_no_replacement_no_warning_at_the_first_step() -> None:
+    model = regularize(make_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_fn(model).backward()
+        opt.step()
 
 
 # -- identity, forward, attributes, type --------------------------------------------------------------

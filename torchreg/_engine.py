@@ -20,7 +20,9 @@ It adds each covered parameter's gradient term exactly once per backward pass:
   added there, after the gradients are averaged: the same on every rank, whichever parameters each
   rank used.
 * A ``load_state_dict`` post-hook on the unit's root follows parameters that loading replaced by new
-  objects (``assign=True``): the hooks move to the new ones.
+  objects (``assign=True``): the hooks move to the new ones. Parameters replaced otherwise
+  (``to_empty`` from the meta device, FSDP2's ``fully_shard``) are found at the first optimizer step
+  after install (a global step post-hook), with a warning, and followed from then on.
 * Each term is multiplied by ``1 / accumulation_steps`` and by the grad scaler's current scale (a
   device tensor, never read on the host), as declared with :func:`torchreg.configure`.
 
@@ -73,8 +75,12 @@ class Skipped(NamedTuple):
 
 # -- optimizer steps, for the accumulation guard -------------------------------------------------
 class StepCounter:
+    """Counts optimizer steps (the accumulation guard), and at the first step after a unit is installed
+    checks that its parameters are still the model's (see :meth:`Unit._check_replaced`)."""
+
     count = 0
     registered = False
+    unchecked: "weakref.WeakSet[Unit]" = weakref.WeakSet()
 
     @classmethod
     def ensure(cls) -> None:
@@ -85,6 +91,10 @@ class StepCounter:
     @classmethod
     def _on_step(cls, optimizer: Any, args: Any, kwargs: Any) -> None:
         cls.count += 1
+        if cls.unchecked:
+            units, cls.unchecked = list(cls.unchecked), weakref.WeakSet()
+            for unit in units:
+                unit._check_replaced()
 
 
 def _distributed() -> bool:
@@ -255,12 +265,14 @@ class Unit:
             self._load_handle = self.root.register_load_state_dict_post_hook(_Rebind(self))
             setattr(self.root, ATTR, self)
             _DistributedSweep.live.add(self)
+            StepCounter.unchecked.add(self)
         except BaseException:
             self.uninstall()
             raise
 
     def uninstall(self) -> None:
         _DistributedSweep.live.discard(self)
+        StepCounter.unchecked.discard(self)
         for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
@@ -283,18 +295,43 @@ class Unit:
             self._lazy_handle.remove()
             self._lazy_handle = None
 
-    def _rebind(self) -> None:
-        """Follow parameters that were replaced by other objects under the same names."""
+    def _replaced(self) -> List[Tuple[int, Entry, nn.Parameter]]:
+        """Entries whose name now holds another parameter object than the one covered."""
+        found = []
         for i, entry in enumerate(self.entries):
             try:
                 current = self.root.get_parameter(entry.name)
             except AttributeError:  # no longer a parameter under this name: keep the one we have
                 continue
             if current is not entry.param:
-                handle = self._handles.pop(i, None)
-                if handle is not None:
-                    handle.remove()
-                self.entries[i] = entry._replace(param=current)
+                found.append((i, entry, current))
+        return found
+
+    def _check_replaced(self) -> None:
+        """At the first optimizer step after install: parameters replaced by new objects since (outside
+        ``load_state_dict``: ``model.to_empty()`` from the meta device, FSDP2's ``fully_shard``, an
+        assignment) got no term so far. Warn, and follow them from now on."""
+        replaced = self._replaced()
+        if replaced:
+            names = ", ".join(entry.name for _, entry, _ in replaced[:5]) + (", ..." if len(replaced) > 5 else "")
+            warnings.warn(
+                f"torchreg: {len(replaced)} regularized parameter(s) of {type(self.root).__name__} ({names}) "
+                "were replaced by new objects after torchreg was applied (model.to_empty(), fully_shard(), "
+                "or an assignment), so the backward passes before this optimizer step added no "
+                "regularization to them. torchreg follows the new parameters from now on; apply torchreg "
+                "after such calls to regularize from the first step.",
+                UserWarning,
+                stacklevel=4,  # the user's optimizer.step() call
+            )
+            self._rebind()
+
+    def _rebind(self) -> None:
+        """Follow parameters that were replaced by other objects under the same names."""
+        for i, entry, current in self._replaced():
+            handle = self._handles.pop(i, None)
+            if handle is not None:
+                handle.remove()
+            self.entries[i] = entry._replace(param=current)
         self._register_ready()
 
     def _on_grad(self, index: int, param: Tensor) -> None:
