@@ -201,7 +201,7 @@ class _Rebind:
         self.unit = unit
 
     def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
-        self.unit._rebind()
+        self.unit._rebind(self.unit._replaced())
 
 
 class Unit:
@@ -323,11 +323,11 @@ class Unit:
                 UserWarning,
                 stacklevel=4,  # the user's optimizer.step() call
             )
-            self._rebind()
+            self._rebind(replaced)
 
-    def _rebind(self) -> None:
-        """Follow parameters that were replaced by other objects under the same names."""
-        for i, entry, current in self._replaced():
+    def _rebind(self, replaced: List[Tuple[int, Entry, nn.Parameter]]) -> None:
+        """Follow the parameters :meth:`_replaced` found."""
+        for i, entry, current in replaced:
             handle = self._handles.pop(i, None)
             if handle is not None:
                 handle.remove()
