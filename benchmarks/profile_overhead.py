@@ -43,7 +43,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_overhead as so  # noqa: E402
-from scale import ManyTiny  # noqa: E402
+from scale import ManyTiny, time_backwards  # noqa: E402
 
 import torchreg  # noqa: E402
 
@@ -140,31 +140,13 @@ def ladder(n: int, rounds: int, warmup: int) -> None:
         return m
 
     kinds = ["none", "no-op hook", "minimal L2 hook", "minimal L1 hook", "torchreg L2", "torchreg L1", "floor"]
-    models = {k: make(k) for k in kinds}
-    times: Dict[str, List[float]] = {k: [] for k in kinds}
-    rng = random.Random(0)
-    order = list(kinds)
-    for r in range(warmup + rounds):
-        rng.shuffle(order)
-        for k in order:
-            m = models[k]
-            for p in m.ps:
-                p.grad = None
-            loss = m(x)
-            t0 = time.perf_counter()
-            loss.backward()
-            if k == "floor":
-                ps = list(m.ps)
-                torch._foreach_add_([p.grad for p in ps], ps, alpha=lam)
-            dt = time.perf_counter() - t0
-            if r >= warmup:
-                times[k].append(dt)
+    medians = time_backwards({k: make(k) for k in kinds}, x, warmup, rounds, 0, torch.device("cpu"))
     print()
     print(f"== hook-cost ladder: {n} tensors of 4 floats, loss.backward() timed, median of {rounds} rounds")
     print(f"{'variant':<18}{'backward ms':>13}{'per tensor us over none':>26}")
-    t_none = statistics.median(times["none"])
+    t_none = medians["none"]
     for k in kinds:
-        t = statistics.median(times[k])
+        t = medians[k]
         print(f"{k:<18}{t * 1e3:>13.3f}{(t - t_none) / n * 1e6:>26.2f}")
 
 

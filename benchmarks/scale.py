@@ -26,7 +26,7 @@ import random
 import statistics
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -87,6 +87,35 @@ class ManyTiny(nn.Module):
         return (torch.cat(list(self.ps)) * x).sum()
 
 
+def time_backwards(models: Dict[str, ManyTiny], x: torch.Tensor, warmup: int, rounds: int, seed: int,
+                   device: torch.device) -> Dict[str, float]:
+    """Median seconds of ``loss.backward()`` per model, interleaved in a new random order each round;
+    the model named ``floor`` also runs the floor's ``_foreach_add_`` pass inside the timed span."""
+    times: Dict[str, List[float]] = {k: [] for k in models}
+    rng = random.Random(seed)
+    order = list(models)
+    cuda = device.type == "cuda"
+    for r in range(warmup + rounds):
+        rng.shuffle(order)
+        for name in order:
+            m = models[name]
+            for p in m.ps:
+                p.grad = None
+            loss = m(x)
+            params = list(m.ps) if name == "floor" else None
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            loss.backward()
+            if params is not None:
+                torch._foreach_add_([p.grad for p in params], params, alpha=so.LAM)
+            if cuda:
+                torch.cuda.synchronize(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def part_b(args: argparse.Namespace, device: torch.device) -> None:
     print()
     print(f"== (b) per-tensor cost of the hooks: N parameter tensors of 4 floats, timed: loss.backward() "
@@ -107,32 +136,10 @@ def part_b(args: argparse.Namespace, device: torch.device) -> None:
             elif name == "torchreg L1":
                 torchreg.L1(m, so.LAM, params="*")
             models[name] = m
-        times = {k: [] for k in models}
-        rng = random.Random(args.seed)
-        order = list(models)
-        cuda = device.type == "cuda"
-        for r in range(args.tiny_warmup + args.tiny_rounds):
-            rng.shuffle(order)
-            for name in order:
-                m = models[name]
-                for p in m.ps:
-                    p.grad = None
-                loss = m(x)
-                params = list(m.ps) if name == "floor" else None
-                if cuda:
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                loss.backward()
-                if params is not None:
-                    torch._foreach_add_([p.grad for p in params], params, alpha=so.LAM)
-                if cuda:
-                    torch.cuda.synchronize(device)
-                dt = time.perf_counter() - t0
-                if r >= args.tiny_warmup:
-                    times[name].append(dt)
-        t_none = statistics.median(times["none"])
+        medians = time_backwards(models, x, args.tiny_warmup, args.tiny_rounds, args.seed, device)
+        t_none = medians["none"]
         for name in models:
-            t = statistics.median(times[name])
+            t = medians[name]
             extra = "-" if name == "none" else f"{(t - t_none) / n * 1e6:.2f}"
             diff = "-" if name == "none" else f"{(t - t_none) * 1e3:.3f}"
             print(f"{n:>10}{name:>14}{t * 1e3:>13.3f}{diff:>11}{extra:>15}")
