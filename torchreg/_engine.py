@@ -32,6 +32,7 @@ The regularizers (``regularizers.py``) say *what* term is added; nothing here de
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import threading
 import warnings
@@ -53,6 +54,10 @@ ATTR = "_torchreg_unit"
 _current_task = torch._C._current_graph_task_id
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
 _STRIDED = torch.strided
+_will_execute = torch._C._will_engine_execute_node
+_RUN_BACKWARD = torch.autograd.graph._engine_run_backward.__code__  # every backward() goes through it
+_FUNCTION_BACKWARD = torch.autograd.function.BackwardCFunction.apply.__code__  # a Python node's backward
+_SCALER_STEPS = (torch.amp.GradScaler.step.__code__, torch.amp.GradScaler._maybe_opt_step.__code__)
 
 
 class Entry(NamedTuple):
@@ -75,12 +80,15 @@ class Skipped(NamedTuple):
 
 # -- optimizer steps, for the accumulation guard -------------------------------------------------
 class StepCounter:
-    """Counts optimizer steps (the accumulation guard), and at the first step after a unit is installed
-    checks that its parameters are still the model's (see :meth:`Unit._check_replaced`)."""
+    """Counts optimizer steps (the accumulation guard). At the first step after a unit is installed it
+    checks that the unit's parameters are still the model's (see :meth:`Unit._check_replaced`); at the
+    first step of an optimizer holding the unit's parameters, that a grad scaler driving the step was
+    declared (see :meth:`Unit._check_scaler`)."""
 
     count = 0
     registered = False
     unchecked: "weakref.WeakSet[Unit]" = weakref.WeakSet()
+    scaler_unchecked: "weakref.WeakSet[Unit]" = weakref.WeakSet()
 
     @classmethod
     def ensure(cls) -> None:
@@ -95,6 +103,146 @@ class StepCounter:
             units, cls.unchecked = list(cls.unchecked), weakref.WeakSet()
             for unit in units:
                 unit._check_replaced()
+        if cls.scaler_unchecked:
+            stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            scaler = _driving_scaler()
+            for unit in list(cls.scaler_unchecked):
+                if any(id(e.param) in stepped for e in unit.entries):
+                    cls.scaler_unchecked.discard(unit)
+                    unit._check_scaler(scaler)
+
+
+def _driving_scaler() -> Any:
+    """The enabled ``torch.amp.GradScaler`` whose ``step()`` is running the optimizer step in progress
+    (found on the Python stack: ``GradScaler.step`` calls ``optimizer.step()``), or None."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code in _SCALER_STEPS:
+            scaler = frame.f_locals.get("self")
+            return scaler if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() else None
+        frame = frame.f_back
+    return None
+
+
+# -- which backward is running: nested ones (reentrant checkpointing), inputs=, threads -------------
+class _Task:
+    """What the engine needs to know about one backward pass (an autograd graph task), read once from
+    the Python stack of the thread that runs its first hook (:func:`_task_info`).
+
+    ``nested``: the pass was started inside another one's node (``torch.utils.checkpoint`` with
+    ``use_reentrant=True`` runs ``torch.autograd.backward`` in its node's backward); such a pass is part
+    of the enclosing one. ``node``: that enclosing node when it is a Python ``autograd.Function`` (its
+    post-hook runs in the enclosing pass). ``listed``: ``None``, or for ``backward(inputs=...)`` a test
+    telling whether a parameter is one of the listed inputs."""
+
+    __slots__ = ("id", "nested", "node", "listed", "pending")
+
+    def __init__(self, task: int, nested: bool, node: Any, listed: Optional[Callable[[Tensor], bool]]) -> None:
+        self.id = task
+        self.nested = nested
+        self.node = node
+        self.listed = listed
+        self.pending: List[Tuple["Unit", "_Session"]] = []  # sessions waiting for the enclosing pass
+
+
+_last_task: Tuple[int, Optional[_Task]] = (-1, None)
+
+
+def _task_info(task: int) -> _Task:
+    """The :class:`_Task` of the running graph task ``task`` (cached for the last one asked)."""
+    global _last_task
+    cached = _last_task
+    if cached[0] == task and cached[1] is not None:
+        return cached[1]
+    run = None
+    nested, node = False, None
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code is _RUN_BACKWARD:
+            if run is not None:  # a backward() called, outside any Function, by code a backward runs
+                nested = True
+                break
+            run = frame
+        elif code is _FUNCTION_BACKWARD and run is not None:  # backward() inside a Function's backward
+            nested, node = True, frame.f_locals.get("self")
+            break
+        frame = frame.f_back
+    listed = None
+    if not nested:
+        listed = _listed(_inputs_of(run) if run is not None else _inputs_elsewhere())
+    info = _Task(task, nested, node, listed)
+    _last_task = (task, info)
+    return info
+
+
+def _inputs_of(run: Any) -> Any:
+    """The ``inputs`` that ``backward()`` passed to ``_engine_run_backward`` (``()`` when none)."""
+    local = run.f_locals
+    args, kwargs = local.get("args", ()), local.get("kwargs", {})
+    if not kwargs.get("accumulate_grad", True):
+        return ()
+    return args[3] if len(args) > 3 else kwargs.get("inputs", ())
+
+
+def _inputs_elsewhere() -> Any:
+    """A hook run by a device thread (CUDA) has no ``backward()`` frame below it: the thread that called
+    ``backward()`` waits in it. Its ``inputs`` if exactly one thread is in a backward, else ``()``."""
+    found = []
+    for frame in sys._current_frames().values():
+        while frame is not None and frame.f_code is not _RUN_BACKWARD:
+            frame = frame.f_back
+        if frame is not None:
+            found.append(_inputs_of(frame))
+    return found[0] if len(found) == 1 else ()
+
+
+def _listed(inputs: Any) -> Optional[Callable[[Tensor], bool]]:
+    if not inputs:
+        return None
+    ids = {id(t) for t in inputs if isinstance(t, Tensor)}
+    if len(ids) == len(inputs):
+        return lambda p: id(p) in ids
+    # GradientEdges among the inputs: ask the engine whether it runs the parameter's AccumulateGrad
+    return lambda p: id(p) in ids or _will_execute(torch.autograd.graph.get_gradient_edge(p).node)
+
+
+class _Session:
+    """A unit's share of one backward pass, from its first hook to its end-of-backward step.
+
+    ``owner`` is the graph task that runs the end-of-backward step: the outermost pass (-1 while it is
+    not known yet: the unit was reached first by a nested pass); ``nested`` the tasks of the passes run
+    inside it that reached the unit. The unit refers to its session weakly; the callbacks queued in the
+    owner task hold it (or, while the owner is not known, the post-hook on the enclosing node), so a
+    backward that failed half-way, whose callbacks never run and are freed, ends its session too."""
+
+    __slots__ = ("owner", "nested", "listed", "__weakref__")
+
+    def __init__(self) -> None:
+        self.owner = -1
+        self.nested: set = set()
+        self.listed: Optional[Callable[[Tensor], bool]] = None
+
+
+def _no_session() -> Optional[_Session]:
+    return None
+
+
+class _Adopt:
+    """Post-hook on the node whose backward ran a nested pass that reached units first: runs in the
+    enclosing pass, which takes those units' sessions over (one end-of-backward step for the whole)."""
+
+    def __init__(self, info: _Task) -> None:
+        self.info = info
+
+    def __call__(self, grad_inputs: Any, grad_outputs: Any) -> None:
+        pending, self.info.pending = self.info.pending, []
+        if pending:
+            outer = _task_info(_current_task())
+            for unit, session in pending:
+                with unit._lock:
+                    if session.owner == -1 and unit._session() is session:
+                        unit._home(session, outer)
 
 
 def _distributed() -> bool:
@@ -114,16 +262,26 @@ def _is_lazy(p: Tensor) -> bool:
 def owner_of(p: Tensor) -> Optional["Unit"]:
     """The unit whose hook is registered on ``p``, if any."""
     for hook in (getattr(p, "_post_accumulate_grad_hooks", None) or {}).values():
-        unit = getattr(hook, ATTR, None)
+        ref = getattr(hook, ATTR, None)
+        unit = ref() if isinstance(ref, weakref.ref) else None
         if isinstance(unit, Unit):
             return unit
     return None
 
 
 def _make_hook(unit: "Unit", index: int) -> Callable[[Tensor], None]:
-    """The post-accumulate-grad hook of ``unit.entries[index]``: the hot path, kept to a few lines."""
+    """The post-accumulate-grad hook of ``unit.entries[index]``: the hot path, kept to a few lines.
+
+    It refers to its unit weakly: a tensor's hooks are invisible to Python's garbage collector, so a
+    strong reference (hook -> unit -> module -> parameter -> hook) would keep a dropped model alive.
+    The unit lives as long as the module it was applied to (``module._torchreg_unit``).
+    """
+    ref = weakref.ref(unit)
 
     def hook(param: Tensor) -> None:
+        unit = ref()
+        if unit is None:  # the module it was applied to is gone
+            return
         if unit._task != _current_task():
             unit._begin()
         unit._seen.add(index)
@@ -135,7 +293,7 @@ def _make_hook(unit: "Unit", index: int) -> Callable[[Tensor], None]:
                 return
         unit._on_grad(index, param)
 
-    setattr(hook, ATTR, unit)  # for owner_of
+    setattr(hook, ATTR, ref)  # for owner_of
     return hook
 
 
@@ -184,7 +342,9 @@ class _DistributedSweep:
 
 
 class _LazyWatch:
-    """Forward hook on a unit's root while some covered parameter is still uninitialized."""
+    """Forward hook on a unit's root while some covered parameter has no hook yet: still uninitialized
+    (a lazy module), or frozen (``requires_grad=False``: no hook can be registered on it) when the unit
+    was applied. The forward after it is unfrozen registers its hook, before the backward that needs it."""
 
     def __init__(self, unit: "Unit") -> None:
         self.unit = unit
@@ -221,8 +381,9 @@ class Unit:
     def _init_transient(self) -> None:
         self._handles: Dict[int, Any] = {}
         self._lock = threading.Lock()
-        self._task = -1  # graph task of the backward in progress
-        self._seen: set = set()
+        self._task = -1  # graph task whose hooks ran last (the hooks' test for "a new backward")
+        self._session: Callable[[], Optional[_Session]] = _no_session  # weak: see _Session
+        self._seen: set = set()  # entries the hooks reached in this session
         self._alpha = 1.0
         self._scale: Optional[Tensor] = None
         self._scales: Dict[torch.device, Tensor] = {}
@@ -244,8 +405,11 @@ class Unit:
         self.__dict__.update(state)
         self.grad_scaler = None  # a pickled model is reconfigured with its new scaler
         self._init_transient()
-        self._register_ready()
+        self._hook_ready()  # (the root may still be unpickling: its hooks are left to the first step)
         _DistributedSweep.live.add(self)
+        StepCounter.ensure()  # unpickled where torchreg was never applied: the guard needs the step hook
+        StepCounter.unchecked.add(self)
+        StepCounter.scaler_unchecked.add(self)
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "Unit":
         new = Unit.__new__(Unit)
@@ -260,12 +424,11 @@ class Unit:
         StepCounter.ensure()
         try:
             self._register_ready()
-            if any(_is_lazy(e.param) for e in self.entries):
-                self._lazy_handle = self.root.register_forward_hook(_LazyWatch(self))
             self._load_handle = self.root.register_load_state_dict_post_hook(_Rebind(self))
             setattr(self.root, ATTR, self)
             _DistributedSweep.live.add(self)
             StepCounter.unchecked.add(self)
+            StepCounter.scaler_unchecked.add(self)
         except BaseException:
             self.uninstall()
             raise
@@ -273,6 +436,7 @@ class Unit:
     def uninstall(self) -> None:
         _DistributedSweep.live.discard(self)
         StepCounter.unchecked.discard(self)
+        StepCounter.scaler_unchecked.discard(self)
         for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
@@ -286,14 +450,21 @@ class Unit:
             delattr(self.root, ATTR)
 
     def _register_ready(self) -> None:
-        """Register the hook of each covered parameter that is initialized and trainable."""
+        """Register the hook of each covered parameter that is initialized and trainable; keep a forward
+        hook on the root (:class:`_LazyWatch`) while some parameter has none."""
+        self._hook_ready()
+        waiting = len(self._handles) < len(self.entries)
+        if waiting and self._lazy_handle is None:
+            self._lazy_handle = self.root.register_forward_hook(_LazyWatch(self))
+        elif not waiting and self._lazy_handle is not None:
+            self._lazy_handle.remove()
+            self._lazy_handle = None
+
+    def _hook_ready(self) -> None:
         for i, entry in enumerate(self.entries):
             p = entry.param
             if i not in self._handles and p.requires_grad and not _is_lazy(p):
                 self._handles[i] = p.register_post_accumulate_grad_hook(_make_hook(self, i))
-        if self._lazy_handle is not None and not any(_is_lazy(e.param) for e in self.entries):
-            self._lazy_handle.remove()
-            self._lazy_handle = None
 
     def _replaced(self) -> List[Tuple[int, Entry, nn.Parameter]]:
         """Entries whose name now holds another parameter object than the one covered."""
@@ -310,7 +481,10 @@ class Unit:
     def _check_replaced(self) -> None:
         """At the first optimizer step after install: parameters replaced by new objects since (outside
         ``load_state_dict``: ``model.to_empty()`` from the meta device, FSDP2's ``fully_shard``, an
-        assignment) got no term so far. Warn, and follow them from now on."""
+        assignment) got no term so far. Warn, and follow them from now on. Parameters that are no
+        longer parameters at all (a reparametrization took them out) are warned about too."""
+        self._register_ready()  # (an unpickled unit: its forward hook, if a parameter has no hook)
+        self._check_gone()
         replaced = self._replaced()
         if replaced:
             names = ", ".join(entry.name for _, entry, _ in replaced[:5]) + (", ..." if len(replaced) > 5 else "")
@@ -324,6 +498,43 @@ class Unit:
                 stacklevel=4,  # the user's optimizer.step() call
             )
             self._rebind(replaced)
+
+    def _check_gone(self) -> None:
+        gone = []
+        for entry in self.entries:
+            try:
+                self.root.get_parameter(entry.name)
+            except AttributeError:
+                gone.append(entry.name)
+        if gone:
+            names = ", ".join(gone[:5]) + (", ..." if len(gone) > 5 else "")
+            warnings.warn(
+                f"torchreg: {len(gone)} regularized parameter(s) of {type(self.root).__name__} ({names}) are no "
+                "longer parameters of the model: a reparametrization applied after torchreg "
+                "(torch.nn.utils.weight_norm or spectral_norm, torch.nn.utils.parametrizations.weight_norm or "
+                "orthogonal, torch.nn.utils.parametrize.register_parametrization) replaced them by computed "
+                "tensors, so they get no regularization and torchreg.penalty() leaves them out. Apply torchreg "
+                "after the reparametrization, to the parameters the optimizer trains: with "
+                "torch.nn.utils.parametrize the original is module.parametrizations.<name>.original (select it "
+                "with params='parametrizations.weight.original'); the old weight_norm trains weight_g and "
+                "weight_v.",
+                UserWarning,
+                stacklevel=5,  # the user's optimizer.step() call
+            )
+
+    def _check_scaler(self, scaler: Any) -> None:
+        """At the first optimizer step over the unit's parameters: a grad scaler that drives the step
+        (``scaler.step(optimizer)``) but was not declared makes every term 1/scale of what it should be."""
+        if scaler is not None and self.grad_scaler is not scaler:
+            warnings.warn(
+                f"torchreg: the regularized parameters of {type(self.root).__name__} are stepped by a "
+                "torch.amp.GradScaler (scaler.step(optimizer)) that was not declared to torchreg, so the "
+                "regularization gradient was not scaled with the loss and scaler.unscale_ divides it by the "
+                "scale (the penalty is almost lost). Declare it once before training: "
+                "torchreg.configure(model, grad_scaler=scaler).",
+                UserWarning,
+                stacklevel=5,
+            )
 
     def _rebind(self, replaced: List[Tuple[int, Entry, nn.Parameter]]) -> None:
         """Follow the parameters :meth:`_replaced` found."""
@@ -341,7 +552,10 @@ class Unit:
             self._add(self.entries[index], param)
 
     def _begin(self) -> None:
-        """First hook of this unit in a backward: read the factors, queue the end-of-backward work."""
+        """A hook of this unit runs in another graph task than the last one: a new backward (open a
+        session: read the factors, queue the end-of-backward step), or a backward nested in the one in
+        progress (reentrant checkpointing: join its session), or, from another thread, a second backward
+        running at the same time (an error)."""
         with self._lock:
             task = _current_task()
             if self._task == task:
@@ -352,14 +566,53 @@ class Unit:
                     "=True): its end-of-backward step would not run and penalties would go missing. "
                     "torch.compile of the model itself is supported; leave compiled autograd off."
                 )
+            session = self._session()
+            if session is None:
+                self._open(_task_info(task))
+            elif task != session.owner and task not in session.nested:
+                info = _task_info(task)
+                if info.nested:  # a backward run inside the one in progress: part of it
+                    session.nested.add(task)
+                elif session.owner == -1:  # the enclosing backward, on another device thread
+                    self._own(session, info)
+                else:
+                    raise RuntimeError(
+                        f"torchreg: two backward passes through the regularized parameters of "
+                        f"{type(self.root).__name__} are running at the same time (from different threads). "
+                        "torchreg adds each parameter's term once per backward pass and cannot give each of "
+                        "two concurrent passes its own; run them one after the other (e.g. under a lock), "
+                        "or give each thread its own copy of the model."
+                    )
             self._task = task
-            self._seen = set()
-            self._read_factors()
-            self._deferred = _distributed()
-            self._adders = self._build_adders()
-            if self._deferred:
-                _DistributedSweep.begin(self, task)
-            _queue_callback(self._end_of_backward)
+
+    def _open(self, info: _Task) -> None:
+        """A new session: this backward's factors and adders; the end-of-backward step is queued in the
+        outermost backward (:meth:`_home`)."""
+        session = _Session()
+        self._session = weakref.ref(session)
+        self._seen = set()
+        self._read_factors()
+        self._deferred = _distributed()
+        self._adders = self._build_adders()
+        self._home(session, info)
+
+    def _home(self, session: _Session, info: _Task) -> None:
+        """Give ``session`` to the backward ``info``, or, when that one is nested in another one's Python
+        node, to the enclosing backward, from a post-hook on that node (which runs in it)."""
+        if info.nested and info.node is not None:
+            session.nested.add(info.id)
+            info.pending.append((self, session))
+            if len(info.pending) == 1:
+                info.node.register_hook(_Adopt(info))
+        else:  # a top-level backward (or one nested outside any Function: it counts as its own)
+            self._own(session, info)
+
+    def _own(self, session: _Session, info: _Task) -> None:
+        session.owner = info.id
+        session.listed = info.listed
+        if self._deferred:
+            _DistributedSweep.begin(self, info.id)
+        _queue_callback(functools.partial(self._end_of_backward, session))
 
     def _build_adders(self) -> List[Optional[Adder]]:
         """Each entry's adder for this backward (None: the hook calls :meth:`_add`). Rebuilt only when
@@ -394,20 +647,25 @@ class Unit:
                 self._add(entry, entry.param)
         self._scales = {}
 
-    def _end_of_backward(self) -> None:
+    def _end_of_backward(self, session: _Session) -> None:
         # Queued again so that it runs after the callbacks queued during the backward (DDP's).
-        _queue_callback(self._finish)
+        _queue_callback(functools.partial(self._finish, session))
 
-    def _finish(self) -> None:
+    def _finish(self, session: _Session) -> None:
         try:
+            if self._session() is not session:  # (cannot happen: a session ends here only)
+                return
+            listed = session.listed  # backward(inputs=...): the terms go to the listed parameters only
             if self._deferred or len(self._seen) < len(self.entries):
                 self._register_ready()  # parameters unfrozen since the last backward
                 for i, entry in enumerate(self.entries):
                     p = entry.param
-                    if (self._deferred or i not in self._seen) and p.requires_grad and not _is_lazy(p):
+                    if ((self._deferred or i not in self._seen) and p.requires_grad and not _is_lazy(p)
+                            and (listed is None or listed(p))):
                         self._add(entry, p)
             self._count_backward()
         finally:
+            self._session = _no_session
             self._task = -1
             self._seen = set()
             self._scales = {}
