@@ -500,12 +500,21 @@ class Unit:
             self._rebind(replaced)
 
     def _check_gone(self) -> None:
-        gone = []
-        for entry in self.entries:
+        """Entries whose name no longer holds a parameter: the same object under another name (a
+        reparametrization that keeps it, e.g. ``parametrizations.orthogonal`` moves it to
+        ``parametrizations.weight.original``) is followed silently (its hook still fires); one that is
+        no parameter of the model any more (``weight_norm`` made new ones) gets a warning."""
+        gone, names = [], None
+        for i, entry in enumerate(self.entries):
             try:
                 self.root.get_parameter(entry.name)
             except AttributeError:
-                gone.append(entry.name)
+                if names is None:
+                    names = {id(p): n for n, p in self.root.named_parameters(remove_duplicate=False)}
+                if id(entry.param) in names:
+                    self.entries[i] = entry._replace(name=names[id(entry.param)])
+                else:
+                    gone.append(entry.name)
         if gone:
             names = ", ".join(gone[:5]) + (", ..." if len(gone) > 5 else "")
             warnings.warn(
