@@ -39,8 +39,8 @@ from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
 __all__ = [
-    "KERNEL_LAYERS", "NORM_LAYERS", "Selection", "check_selection", "default_weights", "describe_selection",
-    "is_default_weight", "is_norm_layer", "select",
+    "EXCLUDED", "KERNEL_LAYERS", "NORM_LAYERS", "Selection", "check_selection", "default_weights",
+    "describe_selection", "is_default_weight", "is_norm_layer", "select",
 ]
 
 NORM_LAYERS: Tuple[type, ...] = (
@@ -63,6 +63,9 @@ KERNEL_LAYERS: Tuple[type, ...] = (
     nn.modules.rnn.RNNCellBase,  # RNNCell, LSTMCell, GRUCell
     nn.MultiheadAttention,
 )
+
+#: The summary note of a module a ``None`` rule excluded (with its submodules).
+EXCLUDED = "excluded, with its submodules"
 
 _NORM_NAME = re.compile(r"(?<!Weight)(?<!Spectral)Norm(?=$|[A-Z0-9_]|ali[sz])|(?i:norm)$")
 
