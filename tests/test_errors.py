@@ -28,10 +28,10 @@ class WithIntegerWeight(nn.Module):
         super().__init__()
         self.linear = nn.Linear(4, 3)
         self.pick = nn.Module()
-        self.pick.weight_index = nn.Parameter(torch.arange(3), requires_grad=False)
+        self.pick.weight_index = nn.Parameter(torch.arange(6).view(2, 3), requires_grad=False)  # 2-D: a "kernel"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear(x)[:, self.pick.weight_index]
+        return self.linear(x)[:, self.pick.weight_index[0]]
 
 
 # (id, the failing call, exception type, fragments its message must contain)

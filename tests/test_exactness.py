@@ -261,7 +261,7 @@ class BiasOnly(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(3))
+        self.weight = nn.Parameter(torch.randn(3, 3))  # 2-D: a 1-D "weight" is a scale, not selected by default
         self.bias = nn.Parameter(torch.randn(3))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -273,10 +273,10 @@ class ComplexGain(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+        self.weight = nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))  # 2-D, as a default weight
 
     def forward(self, x: Tensor) -> Tensor:
-        return (x * self.weight).abs()
+        return (x.to(self.weight.dtype) @ self.weight).abs()
 
 
 class TiedEmbedding(nn.Module):

@@ -817,8 +817,9 @@ def test_summary_records_exactly():
     lines = text.splitlines()
     assert lines[0].split() == ["module", "type", "rule", "regularizer", "parameters", "numel", "penalty", "note"]
     for path in ("conv", "bn", "act", "flat", "fc", "out"):
-        assert any(line.split()[0] == path for line in lines[2:-1]), (path, text)
-    assert "total: 188 regularized elements" in lines[-1]
+        assert any(line.split()[0] == path for line in lines[2:-2]), (path, text)
+    assert "total: 188 regularized elements" in lines[-2]
+    assert lines[-1] == "not covered: none" and s.uncovered == []  # conv, fc regularized; "out" excluded
     assert repr(s) == text
 
 

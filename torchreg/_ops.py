@@ -17,12 +17,20 @@ __all__ = [
 #: ``f(grad, param)``: adds a fixed term to ``grad`` in place (built once per backward, called per tensor).
 Adder = Callable[[Tensor, Tensor], None]
 
+_FLOAT16_MAX = 65504.0  # the smallest largest-value of the floating dtypes parameters are trained in
+
 
 def add_scaled_(grad: Tensor, x: Tensor, coef: float, scale: Optional[Tensor]) -> None:
     """``grad += coef * scale * x`` in place, ``scale`` being ``None`` or a 0-dim device tensor.
 
-    A device tensor for ``scale`` (a grad scaler's) is used without reading it on the host.
+    A device tensor for ``scale`` (a grad scaler's) is used without reading it on the host. A ``coef``
+    beyond the largest value of ``grad``'s dtype (possible only when the parameters' dtype changed after
+    torchreg checked the strength) adds ``coef * x`` computed in that dtype: inf, as autograd's gradient
+    of the penalty in the loss is then.
     """
+    if coef > _FLOAT16_MAX and coef > torch.finfo(grad.dtype).max:
+        grad.add_(x * coef if scale is None else x * scale * coef)
+        return
     if scale is None:
         grad.add_(x, alpha=coef)
     else:

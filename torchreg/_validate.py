@@ -11,13 +11,26 @@ import math
 import numbers
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["check_module", "check_strength", "check_positive_int"]
+__all__ = ["check_hookable", "check_module", "check_strength", "check_positive_int", "describe", "largest"]
 
 
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
+def describe(value: Any) -> str:
+    """``repr(value) (type)``; a module by its class, a huge int by its size (its repr can be thousands of
+    digits long, or raise)."""
+    if isinstance(value, nn.Module):  # its repr can be a whole model
+        return f"a {type(value).__name__} module"
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(int(value)).bit_length() > 200:
+        digits = int(abs(int(value)).bit_length() * math.log10(2)) + 1
+        text = f"{'-' if value < 0 else ''}an int of about {digits} digits (~1e{digits - 1})"
+    else:
+        text = repr(value)
+    return f"{text} ({type(value).__name__})"
+
+
+_describe = describe
 
 
 def check_module(value: Any, what: str) -> nn.Module:
@@ -32,17 +45,48 @@ def check_module(value: Any, what: str) -> nn.Module:
     raise TypeError(f"{what} expects an nn.Module instance, got {_describe(value)}")
 
 
+def check_hookable(value: Any, what: str) -> nn.Module:
+    """:func:`check_module`, and not a TorchScript module (which takes no ``load_state_dict`` hook)."""
+    check_module(value, what)
+    if isinstance(value, torch.jit.ScriptModule):
+        raise TypeError(
+            f"{what} cannot regularize a TorchScript module ({type(value).__name__}): a ScriptModule takes "
+            "no load_state_dict hook, which torchreg needs. Regularize the eager module, then script it: "
+            "torch.jit.script(torchreg.L1(module, lam)) is regularized as the eager module is"
+        )
+    return value
+
+
 def check_strength(value: Any, name: str) -> float:
-    """Return ``value`` as a float if it is a finite real number >= 0."""
+    """Return ``value`` as a float if it is a finite real number >= 0 (or a one-element tensor of one)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        if hasattr(value, "numel") and getattr(value, "numel")() == 1 and not value.is_complex():
+        if isinstance(value, torch.Tensor):
+            if value.dtype == torch.bool:
+                raise TypeError(f"{name} must be a real number >= 0, got a bool tensor {value!r}")
+            if value.is_meta:
+                raise TypeError(f"{name} must be a real number >= 0, got a tensor on the meta device, which "
+                                f"holds no value ({value!r})")
+            if value.numel() != 1 or value.is_complex():
+                raise TypeError(f"{name} must be a real number >= 0 or a one-element real tensor, got "
+                                f"{value!r}")
             value = value.item()  # a 0-dim / one-element tensor is accepted as its value
         else:
             raise TypeError(f"{name} must be a real number >= 0, got {_describe(value)}")
-    value = float(value)
-    if math.isnan(value) or math.isinf(value) or value < 0:
-        raise ValueError(f"{name} must be a finite real number >= 0, got {value!r}")
-    return value
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite real number >= 0, got {_describe(value)}, beyond the largest "
+                         f"float ({torch.finfo(torch.float64).max!r})") from None
+    if math.isnan(number) or math.isinf(number) or number < 0:
+        raise ValueError(f"{name} must be a finite real number >= 0, got {number!r}")
+    return number
+
+
+def largest(dtype: torch.dtype) -> float:
+    """The largest finite value of a floating or complex ``dtype`` (of its real part); ``inf`` otherwise."""
+    if not (dtype.is_floating_point or dtype.is_complex):
+        return math.inf
+    return float(torch.finfo(dtype).max)
 
 
 def check_positive_int(value: Any, name: str) -> int:

@@ -20,16 +20,18 @@ rule for :func:`torchreg.apply_regularization` that can also be applied later wi
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Type, TypeVar, overload
+import math
+from typing import Any, Dict, Iterable, Optional, Tuple, Type, TypeVar, overload
 
 from torch import Tensor, nn
 
 from . import _engine
+from ._ops import _FLOAT16_MAX
 from ._ops import (
     Adder, add_elastic_, add_scaled_, add_sign_, elastic_adder, nothing, scaled_adder, sign_adder, sum_of_squares,
 )
 from ._select import Selection, check_selection, describe_selection, select
-from ._validate import check_module, check_strength
+from ._validate import check_hookable, check_strength, describe, largest
 
 __all__ = ["Regularizer", "L1", "L2", "ElasticNet"]
 
@@ -39,6 +41,14 @@ R = TypeVar("R", bound="Regularizer")
 
 def _rebuild(cls: type, kwargs: Dict[str, Any]) -> "Regularizer":
     return cls(**kwargs)
+
+
+#: "No module given" (``None`` given as the module is an error, not a rule).
+_NO_MODULE: Any = object()
+
+#: Strength coefficients above this may not fit a parameter's dtype (float16's largest value); the
+#: adders then leave the work to :meth:`Regularizer.grad_`, which gives autograd's inf on overflow.
+_SMALLEST_MAX = _FLOAT16_MAX
 
 
 class Regularizer:
@@ -53,16 +63,32 @@ class Regularizer:
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         if cls is Regularizer:
             raise TypeError("Regularizer is a base class; use torchreg.L1, torchreg.L2 or torchreg.ElasticNet")
-        module = kwargs.pop("module", None)
-        if module is None and args and (
-            isinstance(args[0], nn.Module) or len(args) > len(cls._strengths)
+        module, args, kwargs = cls._split_module(args, kwargs)
+        if module is _NO_MODULE:
+            return super().__new__(cls)
+        check_hookable(module, f"torchreg.{cls.__name__}")
+        return cls(*args, **kwargs).apply(module)
+
+    @classmethod
+    def _split_module(cls, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, tuple, Dict[str, Any]]:
+        """``(module, args, kwargs)`` of a call ``cls(*args, **kwargs)``, the module taken out of them
+        (:data:`_NO_MODULE` when the call makes a rule). The first positional argument is the module when
+        it is one (or a module class), or when there are more positional arguments than strengths left
+        for them (``L1(None, 0.1)``, ``L1(None, lam=0.1)``). Raises ``TypeError`` for two modules."""
+        kwargs = dict(kwargs)
+        module = kwargs.pop("module", _NO_MODULE)
+        free = len(cls._strengths) - sum(name in kwargs for name in cls._strengths)
+        if args and (
+            isinstance(args[0], nn.Module) or len(args) > free
             or (isinstance(args[0], type) and issubclass(args[0], nn.Module))
         ):
+            if module is not _NO_MODULE:
+                raise TypeError(
+                    f"torchreg.{cls.__name__} got two modules: {describe(args[0])} as the first argument and "
+                    f"{describe(module)} as module=; give one"
+                )
             module, args = args[0], args[1:]
-        if module is None:
-            return super().__new__(cls)
-        check_module(module, f"torchreg.{cls.__name__}")
-        return cls(*args, **kwargs).apply(module)
+        return module, tuple(args), kwargs
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - replaced below
         raise NotImplementedError
@@ -93,6 +119,28 @@ class Regularizer:
     def _strength_values(self) -> tuple:
         return tuple(self.__dict__[name] for name in self._strengths)
 
+    def _check_fits(self, named_params: Iterable[Tuple[str, Tensor]]) -> None:
+        """Raise ``ValueError`` if a strength is beyond the largest value of a parameter's dtype (the
+        gradient term could not be computed: ``1e39`` for float32, ``7e4`` for float16)."""
+        for name, p in named_params:
+            limit = largest(p.dtype)
+            for strength, value in zip(self._strengths, self._strength_values()):
+                if value > limit:
+                    raise ValueError(
+                        f"{type(self).__name__} {strength}={value!r} is beyond the largest {p.dtype} value "
+                        f"({limit!r}) of parameter {name!r}: a strength must be at most the largest value of "
+                        "the dtype of the parameters it regularizes"
+                    )
+
+    def _applied_to(self, params: Iterable[Tensor]) -> None:
+        """Remember the smallest dtype limit among ``params``: later strengths are checked against it."""
+        limit, dtype = self.__dict__.get("_limit", (math.inf, None))
+        for p in params:
+            if largest(p.dtype) < limit:
+                limit, dtype = largest(p.dtype), p.dtype
+        if dtype is not None:
+            self.__dict__["_limit"] = (limit, dtype)
+
     # -- use ------------------------------------------------------------------------------------
     def apply(self, module: M) -> M:
         """Regularize ``module`` in place with this rule and return the same module.
@@ -104,7 +152,7 @@ class Regularizer:
             TypeError: ``module`` is not an ``nn.Module`` instance.
             ValueError: the selection matches no parameter, or a parameter is regularized already.
         """
-        check_module(module, f"{type(self).__name__}.apply")
+        check_hookable(module, f"{type(self).__name__}.apply")
         chosen = select(module, self.params, recurse=True)
         if not chosen:
             raise ValueError(
@@ -112,7 +160,10 @@ class Regularizer:
                 f"{describe_selection(self.params)}; its parameters: "
                 f"{[name for name, _ in module.named_parameters()]})"
             )
-        return _engine.attach(module, [_engine.Entry(name, p, self) for name, p in chosen])
+        self._check_fits(chosen)
+        _engine.attach(module, [_engine.Entry(name, p, self) for name, p in chosen])
+        self._applied_to([p for _, p in chosen])
+        return module
 
     # -- plumbing ---------------------------------------------------------------------------
     def _init_selection(self, params: Selection) -> None:
@@ -125,7 +176,8 @@ class Regularizer:
         return kwargs
 
     def __reduce__(self) -> Any:
-        return (_rebuild, (type(self), self._kwargs()))
+        limit = self.__dict__.get("_limit")
+        return (_rebuild, (type(self), self._kwargs())) + (({"_limit": limit},) if limit else ())
 
     def __repr__(self) -> str:
         kwargs = self._kwargs()
@@ -141,7 +193,15 @@ def _strength(name: str) -> property:
         return self.__dict__[name]
 
     def set(self: Regularizer, value: Any) -> None:
-        self.__dict__[name] = check_strength(value, f"{type(self).__name__} {name}")
+        value = check_strength(value, f"{type(self).__name__} {name}")
+        limit, dtype = self.__dict__.get("_limit", (math.inf, None))
+        if value > limit:
+            raise ValueError(
+                f"{type(self).__name__} {name}={value!r} is beyond the largest {dtype} value ({limit!r}); this "
+                f"rule regularizes {dtype} parameters, and a strength must be at most the largest value of "
+                "their dtype"
+            )
+        self.__dict__[name] = value
 
     return property(get, set, doc=f"Strength ``{name}`` (>= 0); may be changed at any time.")
 
@@ -211,7 +271,7 @@ class L1(_OneStrength):
             add_sign_(grad, param, self.lam * alpha, scale)
 
     def _adder(self, alpha: float, scale: Optional[Tensor]) -> Optional[Adder]:
-        if type(self).grad_ is not L1.grad_:
+        if type(self).grad_ is not L1.grad_ or self.lam * alpha > _SMALLEST_MAX:
             return None
         return sign_adder(self.lam * alpha, scale) if self.lam else nothing
 
@@ -254,7 +314,7 @@ class L2(_OneStrength):
             add_scaled_(grad, param, self.lam * alpha, scale)
 
     def _adder(self, alpha: float, scale: Optional[Tensor]) -> Optional[Adder]:
-        if type(self).grad_ is not L2.grad_:
+        if type(self).grad_ is not L2.grad_ or self.lam * alpha > _SMALLEST_MAX:
             return None
         return scaled_adder(self.lam * alpha, scale) if self.lam else nothing
 
@@ -311,9 +371,9 @@ class ElasticNet(Regularizer):
         add_elastic_(grad, param, self.l1 * alpha, self.l2 * alpha, scale)
 
     def _adder(self, alpha: float, scale: Optional[Tensor]) -> Optional[Adder]:
-        if type(self).grad_ is not ElasticNet.grad_:
-            return None
         l1, l2 = self.l1 * alpha, self.l2 * alpha
+        if type(self).grad_ is not ElasticNet.grad_ or max(l1, l2) > _SMALLEST_MAX:
+            return None
         if l1 and l2:
             return elastic_adder(l1, l2, scale)
         return sign_adder(l1, scale) if l1 else scaled_adder(l2, scale) if l2 else nothing

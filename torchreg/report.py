@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence, Set
 
 import torch
 from torch import Tensor, nn
 
 from . import _engine
+from ._select import EXCLUDED, default_weights
 from ._validate import check_module
 
 __all__ = ["penalty", "summary", "Summary"]
@@ -47,17 +48,26 @@ def penalty(module: nn.Module) -> Tensor:
 
 
 class Summary:
-    """What :func:`summary` returns: ``str()`` is a table, :attr:`records` the same as dicts.
+    """What :func:`summary` returns: ``str()`` is a table, :attr:`records` the same as dicts, and
+    :attr:`uncovered` the weights no regularization covers.
 
     Each record has the keys ``module`` (qualified path), ``type``, ``rule`` (which rule matched,
     in rule order), ``regularizer`` (its repr, or ``None`` for a skipped module), ``parameters`` (the
     covered names), ``numel``, ``penalty`` (a float) and ``note`` (why a module was skipped).
+
+    :attr:`uncovered` has one dict per module type, in the order the modules are walked, with the keys
+    ``type`` (the class name), ``count`` (how many weights), ``numel``, ``frozen`` (how many of them
+    have ``requires_grad=False``) and ``parameters`` (their qualified names). A weight is what the
+    default selection takes (a kernel of a layer that is not a normalization layer, see
+    ``torchreg.L1``'s ``params``); it is uncovered when no regularization applied to the module, to
+    one of its submodules or to an enclosing module covers it and no ``None`` rule excluded it.
     """
 
     columns = ("module", "type", "rule", "regularizer", "parameters", "numel", "penalty", "note")
 
-    def __init__(self, records: List[Dict[str, Any]]) -> None:
+    def __init__(self, records: List[Dict[str, Any]], uncovered: Sequence[Dict[str, Any]] = ()) -> None:
         self.records = records
+        self.uncovered = list(uncovered)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -80,6 +90,13 @@ class Summary:
         total = sum(r["penalty"] for r in self.records if r["penalty"] is not None)
         numel = sum(r["numel"] for r in self.records)
         lines.append(f"total: {numel} regularized elements, penalty {total:.4g}")
+        for group in self.uncovered:
+            n, frozen = group["count"], group["frozen"]
+            extra = "" if not frozen else ", frozen" if frozen == n else f", {frozen} frozen"
+            lines.append(f"not covered: {n} weight{'s' if n != 1 else ''} of {group['type']} "
+                         f"({group['numel']:,} elements{extra})")
+        if not self.uncovered:
+            lines.append("not covered: none")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -89,6 +106,9 @@ def summary(module: nn.Module) -> Summary:
     """A table of what is regularized in ``module``, one row per regularized or skipped module.
 
     Rows come in the order the model's modules were walked; ``rule`` says which rule matched first.
+    The lines after the table say which weights no rule covers, by module type ("not covered: 48
+    weights of Conv1D (1,769,472 elements)"), so that a rule that missed a kind of layer shows at once;
+    :attr:`Summary.uncovered` gives the same as dicts.
 
     Example::
 
@@ -98,6 +118,13 @@ def summary(module: nn.Module) -> Summary:
         ...     nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), {nn.Module: torchreg.L2(1e-3)})
         >>> [(r["module"], r["parameters"], r["note"]) for r in torchreg.summary(net).records]
         [('0', ['weight'], ''), ('1', [], 'selects no parameter here')]
+        >>> net = torchreg.apply_regularization(
+        ...     nn.Sequential(nn.Embedding(10, 4), nn.Conv1d(4, 4, 3), nn.Linear(4, 2)),
+        ...     {nn.Linear: torchreg.L2(1e-3)})
+        >>> print(str(torchreg.summary(net)).splitlines()[-2:])
+        ['not covered: 1 weight of Embedding (40 elements)', 'not covered: 1 weight of Conv1d (48 elements)']
+        >>> torchreg.summary(net).uncovered[1]
+        {'type': 'Conv1d', 'count': 1, 'numel': 48, 'frozen': 0, 'parameters': ['1.weight']}
     """
     check_module(module, "summary")
     prefixes = {id(m): name for name, m in module.named_modules()}
@@ -127,4 +154,34 @@ def summary(module: nn.Module) -> Summary:
             row(skip.name, skip.module_type, skip.origin, None)["note"] = skip.reason
         order = {name: i for i, (name, _) in enumerate(unit.root.named_modules())}
         records.extend(sorted(rows.values(), key=lambda r: order.get(r.pop("_path"), -1)))
-    return Summary(records)
+    return Summary(records, _uncovered(module))
+
+
+def _uncovered(module: nn.Module) -> List[Dict[str, Any]]:
+    """The default weights of ``module`` that no unit covers and no ``None`` rule excluded, by type."""
+    units = {id(u): u for u in _engine.units_in(module)}
+    for p in module.parameters():  # regularization applied to an enclosing module
+        unit = _engine.owner_of(p)
+        if unit is not None:
+            units.setdefault(id(unit), unit)
+    covered: Set[int] = set()
+    for unit in units.values():
+        covered.update(id(e.param) for e in unit.entries)
+        for skip in unit.skipped:
+            if skip.reason == EXCLUDED:
+                try:
+                    excluded = unit.root.get_submodule(skip.name)
+                except AttributeError:  # the model's structure changed since
+                    continue
+                covered.update(id(p) for p in excluded.parameters())
+    groups: Dict[type, Dict[str, Any]] = {}
+    for name, owner, p in default_weights(module):
+        if id(p) in covered:
+            continue
+        group = groups.setdefault(type(owner), dict(type=type(owner).__name__, count=0, numel=0, frozen=0,
+                                                     parameters=[]))
+        group["count"] += 1
+        group["numel"] += 0 if _engine._is_lazy(p) else p.numel()
+        group["frozen"] += not p.requires_grad
+        group["parameters"].append(name)
+    return list(groups.values())

@@ -36,7 +36,8 @@ def configure(model: M, *, accumulation_steps: int = _KEEP, grad_scaler: Any = _
 
     Raises:
         TypeError: ``model`` is not a module, ``accumulation_steps`` no int, ``grad_scaler`` no GradScaler.
-        ValueError: ``accumulation_steps < 1``, or nothing in ``model`` is regularized.
+        ValueError: ``accumulation_steps < 1``, or nothing in ``model`` is regularized (also when
+            ``model`` is part of a model regularized as a whole: configure that model).
 
     Example::
 
@@ -56,6 +57,13 @@ def configure(model: M, *, accumulation_steps: int = _KEEP, grad_scaler: Any = _
         )
     units = list(_engine.units_in(model))
     if not units:
+        enclosing = next((u for u in map(_engine.owner_of, model.parameters()) if u is not None), None)
+        if enclosing is not None:
+            raise ValueError(
+                f"{type(model).__name__} is regularized as part of an enclosing {type(enclosing.root).__name__}, "
+                "the module torchreg was applied to; settings are per regularization call: call "
+                f"torchreg.configure on that {type(enclosing.root).__name__} instead"
+            )
         raise ValueError(
             f"nothing in {type(model).__name__} is regularized by torchreg; apply regularization first"
         )

@@ -10,9 +10,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar,
 from torch import nn
 
 from . import _engine
-from ._select import select
-from ._validate import check_module
-from .regularizers import Regularizer
+from ._select import EXCLUDED, select
+from ._validate import check_hookable, check_module, describe
+from .regularizers import _NO_MODULE, Regularizer
 
 __all__ = ["apply_regularization", "remove_regularization"]
 
@@ -64,6 +64,14 @@ def _compile_value(value: Any, label: str) -> Optional[Regularizer]:
         )
     if isinstance(value, functools.partial) and isinstance(value.func, type) and issubclass(value.func, Regularizer):
         try:
+            module = value.func._split_module(value.args, value.keywords)[0]
+            if module is not _NO_MODULE:  # calling it would regularize that module now: refuse first
+                raise TypeError(
+                    f"functools.partial(torchreg.{value.func.__name__}, ...) binds the module {describe(module)}, "
+                    "so calling it would regularize that module rather than make a rule; leave the module "
+                    f"out: functools.partial(torchreg.{value.func.__name__}, "
+                    f"{', '.join(f'{s}=1e-4' for s in value.func._strengths)})"
+                )
             rule = value()
         except (TypeError, ValueError) as error:
             raise type(error)(f"rule {label}: {error}") from error
@@ -106,7 +114,9 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
     (``functools.partial(torchreg.L1, lam=1e-4)``), or ``None``, which leaves the module *and its
     submodules* alone whatever later rules say. A matched module with nothing selected (an activation,
     a norm layer caught by a pattern) is skipped and listed as such by :func:`torchreg.summary`; a
-    rule that matches no module, or selects no parameter in the modules it matches, warns.
+    rule that matches no module, or selects no parameter in the modules it matches (or only parameters
+    tied to ones covered under a module walked earlier), warns. :func:`torchreg.summary` lists the
+    weights no rule covers, by module type.
 
     The whole model is one unit: whenever a backward reaches any regularized parameter, every
     regularized parameter gets its gradient term once, exactly as ``loss + torchreg.penalty(model)``
@@ -125,7 +135,8 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
         TypeError: ``model`` is not a module instance, or a rule key or value has the wrong type.
         ValueError: ``model`` is regularized already (applying twice would double the penalty), a
             selected parameter is regularized by another call, or (``strict=True``) a rule matches
-            no module or selects no parameter. Nothing is changed when it raises.
+            no module or selects no parameter (none but tied ones covered already). Nothing is
+            changed when it raises.
 
     Example::
 
@@ -143,10 +154,11 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
         >>> [r["module"] for r in torchreg.summary(model).records if r["regularizer"]]
         ['0', '4']
     """
-    check_module(model, "apply_regularization")
+    check_hookable(model, "apply_regularization")
     compiled = _compile_rules(rules)
     hits = [0] * len(compiled)
-    selected = [0] * len(compiled)
+    selected = [0] * len(compiled)  # parameters newly covered by each rule
+    tied: List[List[str]] = [[] for _ in compiled]  # selected, but covered already under another module
     entries: List[_engine.Entry] = []
     skipped: List[_engine.Skipped] = []
     excluded: List[str] = []
@@ -162,10 +174,9 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
         kind = type(module).__name__
         if rule.regularizer is None:
             excluded.append(path)
-            skipped.append(_engine.Skipped(path, kind, f"rule {rule.label}", "excluded, with its submodules"))
+            skipped.append(_engine.Skipped(path, kind, f"rule {rule.label}", EXCLUDED))
             continue
         chosen = select(module, rule.regularizer.params, recurse=False)
-        selected[index] += len(chosen)
         if not chosen and (module._parameters or not module._modules):  # containers are walked into
             skipped.append(_engine.Skipped(path, kind, f"rule {rule.label}", "selects no parameter here"))
         for leaf, p in chosen:
@@ -173,12 +184,18 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
             if id(p) in taken:
                 skipped.append(_engine.Skipped(path, kind, f"rule {rule.label}",
                                                f"{leaf} is {taken[id(p)]}, regularized once"))
+                tied[index].append(f"{name} is {taken[id(p)]}")
                 continue
             taken[id(p)] = name
+            selected[index] += 1
             entries.append(_engine.Entry(name, p, rule.regularizer, f"rule {rule.label}"))
     problems = [f"rule {r.label} matched no module" for r, n in zip(compiled, hits) if n == 0] + [
         f"rule {r.label} matched {n} module(s) but selected no parameter of them"
-        for r, n, k in zip(compiled, hits, selected)
+        if not shared else
+        f"rule {r.label} matched {n} module(s) but every parameter it selected is tied to one regularized "
+        f"under a module walked earlier ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}), "
+        "so it regularizes nothing"
+        for r, n, k, shared in zip(compiled, hits, selected, tied)
         if n and not k and r.regularizer is not None
     ]
     if problems:
@@ -186,8 +203,13 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
         if strict:
             raise ValueError(message)
         warnings.warn(message, UserWarning, stacklevel=2)
+    for entry in entries:
+        entry.rule._check_fits([(entry.name, entry.param)])
     if entries or skipped:
         _engine.attach(model, entries, skipped)
+    for rule in compiled:
+        if rule.regularizer is not None:
+            rule.regularizer._applied_to([e.param for e in entries if e.rule is rule.regularizer])
     return model
 
 
