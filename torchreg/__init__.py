@@ -9,6 +9,7 @@ they are.
 ...                           torchreg.L2(torch.nn.Linear(8, 1), lam=1e-3))
 """
 
+from .groups import param_groups
 from .regularizers import ElasticNet, L1, L2, Regularizer
 from .report import Summary, penalty, summary
 from .training import configure
@@ -25,6 +26,7 @@ __all__ = [
     "__version__",
     "apply_regularization",
     "configure",
+    "param_groups",
     "penalty",
     "remove_regularization",
     "summary",
