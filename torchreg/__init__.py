@@ -9,8 +9,8 @@ they are.
 ...                           torchreg.L2(torch.nn.Linear(8, 1), lam=1e-3))
 """
 
-from .regularizers import ElasticNet, L1, L2, Regularizer
-from .report import Summary, penalty, summary
+from .regularizers import ElasticNet, GroupLasso, L1, L2, Regularizer
+from .report import Sparsity, Summary, penalty, sparsity, summary
 from .training import configure
 from .walker import apply_regularization, remove_regularization
 
@@ -18,14 +18,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ElasticNet",
+    "GroupLasso",
     "L1",
     "L2",
     "Regularizer",
+    "Sparsity",
     "Summary",
     "__version__",
     "apply_regularization",
     "configure",
     "penalty",
     "remove_regularization",
+    "sparsity",
     "summary",
 ]
