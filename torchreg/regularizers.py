@@ -505,13 +505,13 @@ class GroupLasso(_OneStrength):
         z2 = param.abs().square()
         keep = (z2 / a.square()).sum(others, keepdim=True) > 1
         r = (z2.sum(others, keepdim=True).sqrt() - a.amax(others, keepdim=True)).clamp_(min=0)
-        tol = 4 * torch.finfo(r.dtype).eps
+        tol = 16 * torch.finfo(r.dtype).eps
         for _ in range(self.max_newton_steps):
             inv = (r + a).reciprocal_()
             w = z2 * inv.square()
             phi = w.sum(others, keepdim=True) - 1
             slope = -2 * (w * inv).sum(others, keepdim=True)
-            delta = torch.where(keep, phi / slope, 0)
+            delta = torch.where(keep & (phi > 0), phi / slope, 0)  # phi <= 0: at the root (rounding)
             r = r - delta
             if bool(((-delta) <= tol * r).all()):
                 break
