@@ -358,6 +358,35 @@ def test_skipped_grad_scaler_step_applies_no_prox() -> None:
     torch.testing.assert_close(layer.weight, soft(before - 0.5 * torch.ones(4, 4) * 2, 0.5 * 0.3))
 
 
+@pytest.mark.parametrize("make_opt", [lambda p: torch.optim.Adam(p, lr=0.1, fused=True),
+                                      # (momentum=0: torch 2.13's fused SGD with momentum fills its
+                                      # buffer from the skipped step's inf gradients, with or without torchreg)
+                                      lambda p: torch.optim.SGD(p, lr=0.1, fused=True)],
+                         ids=["adam-fused", "sgd-fused"])
+def test_fused_optimizer_under_grad_scaler(make_opt: Callable) -> None:
+    """GradScaler calls a fused optimizer's step even for inf gradients (it skips inside): no prox then;
+    a good step equals the bare fused step under the same scaler, then the operator written out."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4)
+    bare = copy.deepcopy(layer)
+    torchreg.L1(layer, 0.3, proximal=True)
+    opt, bare_opt = make_opt(layer.parameters()), make_opt(bare.parameters())
+    scaler, bare_scaler = (torch.amp.GradScaler("cpu", init_scale=4.0) for _ in range(2))
+    for x in (torch.full((2, 4), float("inf")), torch.randn(2, 4), torch.randn(2, 4)):
+        for net, o, sc in ((layer, opt, scaler), (bare, bare_opt, bare_scaler)):
+            o.zero_grad()
+            sc.scale(net(x).square().sum()).backward()
+            sc.step(o)
+            sc.update()
+        if torch.isfinite(x).all():
+            step = (0.1 / adam_denominator(bare_opt, bare.weight) if isinstance(bare_opt, torch.optim.Adam)
+                    else 0.1)
+            with torch.no_grad():
+                bare.weight.copy_(soft(bare.weight, 0.3 * step))
+        torch.testing.assert_close(layer.weight, bare.weight, rtol=1e-6, atol=1e-7)
+    assert scaler.get_scale() == 2.0
+
+
 class MySGD(torch.optim.SGD):
     pass
 

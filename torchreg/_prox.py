@@ -14,7 +14,8 @@ post-hook applies the operators. Consequences:
 
 * once per optimizer step, not per backward: exact under gradient accumulation, with no declaration;
 * a step that ``GradScaler.step`` skips (inf/NaN gradients) does not call ``optimizer.step()``, so
-  no prox is applied either;
+  no prox is applied either (a fused optimizer is called and skips inside its kernel: the post-hook
+  reads the ``found_inf`` the scaler gives it and does nothing then);
 * a parameter the optimizer does not hold, or that it did not update (``.grad`` is None: torch.optim
   skips it), is left alone; each parameter uses its own param group's hyper-parameters, read at
   every step (learning-rate schedulers included);
@@ -135,6 +136,12 @@ def _before_step(optimizer: Any, args: Any, kwargs: Any) -> None:
 def _after_step(optimizer: Any, args: Any, kwargs: Any) -> None:
     plan = _pending.pop(optimizer, None) if _pending else None
     if not plan:
+        return
+    found_inf = getattr(optimizer, "found_inf", None)
+    if isinstance(found_inf, Tensor) and bool(found_inf):
+        # A fused optimizer under GradScaler.step is called even for inf/NaN gradients and skips the
+        # update inside its kernel (GradScaler sets optimizer.found_inf for that step): no prox either.
+        # (Reading it is one host synchronization per step, for fused optimizers under a scaler only.)
         return
     with torch.no_grad():
         for p, rule, group, _ in plan:
