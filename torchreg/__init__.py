@@ -10,8 +10,8 @@ they are.
 """
 
 from .groups import param_groups
-from .regularizers import ElasticNet, L1, L2, Regularizer
-from .report import Summary, penalty, summary
+from .regularizers import ElasticNet, GroupLasso, L1, L2, Regularizer
+from .report import Sparsity, Summary, penalty, sparsity, summary
 from .training import configure
 from .walker import apply_regularization, remove_regularization
 
@@ -19,9 +19,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ElasticNet",
+    "GroupLasso",
     "L1",
     "L2",
     "Regularizer",
+    "Sparsity",
     "Summary",
     "__version__",
     "apply_regularization",
@@ -29,5 +31,6 @@ __all__ = [
     "param_groups",
     "penalty",
     "remove_regularization",
+    "sparsity",
     "summary",
 ]

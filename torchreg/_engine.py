@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import _prox
 from ._ops import Adder
 
 __all__ = ["ATTR", "Entry", "Skipped", "Unit", "attach", "units_in", "owner_of"]
@@ -266,7 +267,7 @@ def owner_of(p: Tensor) -> Optional["Unit"]:
         unit = ref() if isinstance(ref, weakref.ref) else None
         if isinstance(unit, Unit):
             return unit
-    return None
+    return _prox.owner_of(p)  # [i12] a proximal entry carries no hook
 
 
 def _make_hook(unit: "Unit", index: int) -> Callable[[Tensor], None]:
@@ -410,6 +411,7 @@ class Unit:
         StepCounter.ensure()  # unpickled where torchreg was never applied: the guard needs the step hook
         StepCounter.unchecked.add(self)
         StepCounter.scaler_unchecked.add(self)
+        _prox.track(self)  # [i12 proximal]
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "Unit":
         new = Unit.__new__(Unit)
@@ -429,6 +431,7 @@ class Unit:
             _DistributedSweep.live.add(self)
             StepCounter.unchecked.add(self)
             StepCounter.scaler_unchecked.add(self)
+            _prox.track(self)  # [i12 proximal]
         except BaseException:
             self.uninstall()
             raise
@@ -437,6 +440,7 @@ class Unit:
         _DistributedSweep.live.discard(self)
         StepCounter.unchecked.discard(self)
         StepCounter.scaler_unchecked.discard(self)
+        _prox.untrack(self)  # [i12 proximal]
         for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
@@ -463,7 +467,7 @@ class Unit:
     def _hook_ready(self) -> None:
         for i, entry in enumerate(self.entries):
             p = entry.param
-            if i not in self._handles and p.requires_grad and not _is_lazy(p):
+            if i not in self._handles and p.requires_grad and not _is_lazy(p) and not entry.rule.proximal:  # [i12]
                 self._handles[i] = p.register_post_accumulate_grad_hook(_make_hook(self, i))
 
     def _replaced(self) -> List[Tuple[int, Entry, nn.Parameter]]:
@@ -681,6 +685,8 @@ class Unit:
             self._adders = self._none  # (drops the references to a grad scaler's scale)
 
     def _add(self, entry: Entry, p: Tensor) -> None:
+        if entry.rule.proximal:  # [i12 proximal] nothing at backward: _prox.py applies it after the step
+            return
         g = p.grad
         if g is None or g.layout != torch.strided:
             if entry.rule.is_zero:  # strength 0 leaves the gradient exactly as it is, None or sparse
@@ -755,6 +761,7 @@ def attach(root: nn.Module, entries: Iterable[Entry], skipped: Sequence[Skipped]
         if not _is_lazy(e.param) and not (e.param.is_floating_point() or e.param.is_complex()):
             raise TypeError(f"parameter {e.name!r} has dtype {e.param.dtype}; only floating and complex "
                             "parameters can be regularized")
+        e.rule._check_param(e.name, e.param)  # [i12] e.g. GroupLasso's dim against the parameter's shape
     Unit(root, entries, skipped).install()
     return root
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Iterable, Optional, Tuple, Type, TypeVar, overload
 
+import torch
 from torch import Tensor, nn
 
 from . import _engine
@@ -33,7 +34,7 @@ from ._ops import (
 from ._select import Selection, check_selection, describe_selection, select
 from ._validate import check_hookable, check_strength, describe, largest
 
-__all__ = ["Regularizer", "L1", "L2", "ElasticNet"]
+__all__ = ["Regularizer", "L1", "L2", "ElasticNet", "GroupLasso"]
 
 M = TypeVar("M", bound=nn.Module)
 R = TypeVar("R", bound="Regularizer")
@@ -140,6 +141,35 @@ class Regularizer:
                 limit, dtype = largest(p.dtype), p.dtype
         if dtype is not None:
             self.__dict__["_limit"] = (limit, dtype)
+    # -- proximal mode (torchreg/_prox.py says when and with which step) --------------------------
+    @property
+    def proximal(self) -> bool:
+        """True: nothing is added at backward; after each optimizer step the parameter is replaced by
+        :meth:`prox_` (see ``torchreg/_prox.py``). Fixed at construction."""
+        return self.__dict__.get("proximal", False)
+
+    def prox_(self, param: Tensor, step: Any) -> None:
+        """Replace ``param`` in place by the proximal operator of its penalty with step ``step``:
+        ``argmin_x penalty(x) + sum_i (x_i - param_i) ** 2 / (2 * step_i)``.
+
+        ``step`` is a positive float (the same for every element: plain SGD's learning rate) or a
+        tensor of positive steps broadcastable to ``param`` (Adam's per-coordinate ``lr / denom``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no proximal operator")
+
+    def _check_param(self, name: str, param: Tensor) -> None:
+        """Raise ``ValueError`` if this rule cannot regularize ``param`` (called before anything changes)."""
+
+    def _coupled_dims(self, param: Tensor) -> Tuple[int, ...]:
+        """Dimensions along which the penalty couples elements (none: elementwise). A sharded parameter
+        split along one of them cannot take its proximal operator shard by shard."""
+        return ()
+
+    def _init_proximal(self, proximal: Any) -> None:
+        if not isinstance(proximal, bool):
+            raise TypeError(f"{type(self).__name__} proximal must be True or False, got {proximal!r} "
+                            f"({type(proximal).__name__})")
+        self.__dict__["proximal"] = proximal
 
     # -- use ------------------------------------------------------------------------------------
     def apply(self, module: M) -> M:
@@ -173,6 +203,8 @@ class Regularizer:
         kwargs = {name: getattr(self, name) for name in self._strengths}
         if self.params is not None:
             kwargs["params"] = self.params
+        if self.proximal:
+            kwargs["proximal"] = True
         return kwargs
 
     def __reduce__(self) -> Any:
@@ -224,6 +256,22 @@ class _OneStrength(Regularizer):
         self._init_selection(params)
 
 
+def _soft_threshold_(p: Tensor, tau: Any) -> None:
+    """``p <- sgn(p) * max(|p| - tau, 0)`` in place; ``tau`` a float >= 0 or a tensor of them
+    broadcastable to ``p``. A float threshold on a real tensor is one pass and no temporary."""
+    if not isinstance(tau, Tensor):
+        if tau <= 0:
+            return
+        if not p.is_complex():
+            torch._C._nn.softshrink(p, float(tau), out=p)
+            return
+    if p.is_complex():
+        mag = p.abs()
+        p.mul_(torch.where(mag > tau, 1 - tau / mag, 0))
+        return
+    torch.copysign(p.abs().sub_(tau).clamp_(min=0), p, out=p)
+
+
 class L1(_OneStrength):
     """L1 (lasso) regularization: adds ``lam * sign(w)`` to each selected weight's gradient.
 
@@ -263,8 +311,17 @@ class L1(_OneStrength):
         L1(lam=0.0001)
     """
 
+    def __init__(self, lam: float, *, proximal: bool = False, params: Selection = None) -> None:
+        super().__init__(lam, params=params)
+        self._init_proximal(proximal)
+
     def penalty(self, param: Tensor) -> Tensor:
         return self.lam * param.abs().sum()
+
+    def prox_(self, param: Tensor, step: Any) -> None:
+        """``param <- sgn(param) * max(|param| - step * lam, 0)`` (soft thresholding), in place."""
+        if self.lam:
+            _soft_threshold_(param, step * self.lam)
 
     def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
         if self.lam:
@@ -359,10 +416,18 @@ class ElasticNet(Regularizer):
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         return super().__new__(cls, *args, **kwargs)
 
-    def __init__(self, l1: float, l2: float, *, params: Selection = None) -> None:
+    def __init__(self, l1: float, l2: float, *, proximal: bool = False, params: Selection = None) -> None:
         self.l1 = l1
         self.l2 = l2
+        self._init_proximal(proximal)
         self._init_selection(params)
+
+    def prox_(self, param: Tensor, step: Any) -> None:
+        """``param <- soft(param, step * l1) / (1 + step * l2)``, in place."""
+        if self.l1:
+            _soft_threshold_(param, step * self.l1)
+        if self.l2:
+            param.div_(step * self.l2 + 1)
 
     def penalty(self, param: Tensor) -> Tensor:
         return self.l1 * param.abs().sum() + self.l2 / 2 * sum_of_squares(param)
@@ -377,3 +442,136 @@ class ElasticNet(Regularizer):
         if l1 and l2:
             return elastic_adder(l1, l2, scale)
         return sign_adder(l1, scale) if l1 else scaled_adder(l2, scale) if l2 else nothing
+
+
+class GroupLasso(_OneStrength):
+    """Group lasso: ``lam * sum_g ||w_g||_2``, a group ``g`` being every weight with index ``g`` along ``dim``.
+
+    For ``nn.Linear`` (weight ``out x in``), ``dim=0`` groups a neuron's incoming weights and ``dim=1``
+    an input feature's outgoing weights (zero groups: pruned inputs); for convolutions ``dim=0`` is a
+    filter and ``dim=1`` an input channel. Groups are not weighted by their size (as scikit-learn's
+    ``MultiTaskLasso``). In gradient mode ``lam * w_g / ||w_g||`` is added to the gradient (0 for a zero
+    group); with ``proximal=True`` nothing is added at backward and after each optimizer step
+    ``w_g <- w_g * max(0, 1 - step * lam / ||w_g||)`` (under Adam the step is per coordinate, and the
+    group's operator is found exactly by a one-dimensional root-find, see :meth:`prox_`).
+
+    Args:
+        module: the layer (or whole model) to regularize. Omit it to get a rule.
+        lam: strength, a finite number >= 0; may be changed later (``rule.lam = ...``).
+        dim: the dimension that indexes the groups (keyword only; negative counts from the end). Every
+            selected parameter must have at least 2 dimensions and ``dim`` among them.
+        proximal: apply the proximal operator after each optimizer step instead of a gradient term:
+            groups become exactly zero (keyword only; see :class:`L1`).
+        params: which parameters; see :class:`L1`.
+
+    Raises:
+        TypeError: as :class:`L1`; ``dim`` is no int or ``proximal`` no bool.
+        ValueError: as :class:`L1`; a selected parameter has fewer than 2 dimensions or no ``dim``.
+
+    Example::
+
+        >>> import torch, torchreg
+        >>> layer = torchreg.GroupLasso(torch.nn.Linear(2, 2, bias=False), lam=1.0, dim=1)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[3.0, 0.0], [4.0, 0.0]]))
+        >>> torchreg.penalty(layer)          # column norms 5 and 0
+        tensor(5.)
+        >>> layer(torch.zeros(1, 2)).sum().backward()
+        >>> layer.weight.grad                # w_g / ||w_g||; 0 for the zero column
+        tensor([[0.6000, 0.0000],
+                [0.8000, 0.0000]])
+        >>> torchreg.GroupLasso(lam=1e-3, dim=1, proximal=True)
+        GroupLasso(lam=0.001, dim=1, proximal=True)
+    """
+
+    #: Newton iterations at most per group in the per-coordinate prox (it converges monotonically).
+    max_newton_steps = 100
+
+    @overload
+    def __new__(cls, module: M, lam: float, *, dim: int = 0, proximal: bool = False,
+                params: Selection = None) -> M: ...
+    @overload
+    def __new__(cls, lam: float, *, dim: int = 0, proximal: bool = False,
+                params: Selection = None) -> "GroupLasso": ...
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return super().__new__(cls, *args, **kwargs)
+
+    def __init__(self, lam: float, *, dim: int = 0, proximal: bool = False, params: Selection = None) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"GroupLasso dim must be an int, got {dim!r} ({type(dim).__name__})")
+        super().__init__(lam, params=params)
+        self.dim = dim
+        self._init_proximal(proximal)
+
+    def _kwargs(self) -> Dict[str, Any]:
+        kwargs = super()._kwargs()
+        return {"lam": kwargs.pop("lam"), "dim": self.dim, **kwargs}
+
+    def _check_param(self, name: str, param: Tensor) -> None:
+        if isinstance(param, nn.parameter.UninitializedParameter):
+            return
+        if param.ndim < 2 or not -param.ndim <= self.dim < param.ndim:
+            raise ValueError(
+                f"{self!r}: parameter {name!r} has shape {tuple(param.shape)}; groups along dim "
+                f"{self.dim} need a parameter with at least 2 dimensions and dim in "
+                f"[{-max(param.ndim, 2)}, {max(param.ndim, 2) - 1}]. Exclude it with params=... or choose "
+                "another dim"
+            )
+
+    def _other_dims(self, param: Tensor) -> Tuple[int, ...]:
+        dim = self.dim % param.ndim
+        return tuple(d for d in range(param.ndim) if d != dim)
+
+    def _coupled_dims(self, param: Tensor) -> Tuple[int, ...]:
+        return self._other_dims(param)
+
+    def group_norms(self, param: Tensor) -> Tensor:
+        """``||w_g||_2`` of every group, a 1-D tensor of length ``param.shape[dim]``."""
+        return torch.linalg.vector_norm(param, dim=self._other_dims(param))
+
+    def penalty(self, param: Tensor) -> Tensor:
+        return self.lam * self.group_norms(param).sum()
+
+    def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
+        if not self.lam:
+            return
+        norms = torch.linalg.vector_norm(param, dim=self._other_dims(param), keepdim=True)
+        coef = torch.where(norms > 0, norms.reciprocal().mul_(self.lam * alpha), 0)
+        grad.addcmul_(param, coef if scale is None else coef.mul_(scale))
+
+    def prox_(self, param: Tensor, step: Any) -> None:
+        """``w_g <- w_g * max(0, 1 - step * lam / ||w_g||)`` for a step shared by all elements.
+
+        With a step per coordinate ``s_i`` (Adam), the operator ``argmin_x lam * ||x|| +
+        sum_i (x_i - z_i) ** 2 / (2 * s_i)`` of a group ``z`` has no closed form: ``x = 0`` when
+        ``sum_i (z_i / (lam * s_i)) ** 2 <= 1``; otherwise ``x_i = z_i * r / (r + lam * s_i)`` where
+        ``r = ||x|| > 0`` is the root of ``phi(r) = sum_i z_i ** 2 / (r + lam * s_i) ** 2 - 1``. ``phi``
+        is convex and decreasing, so Newton's method started left of the root (at
+        ``||z|| - lam * max_i s_i``) increases monotonically to it; it stops when no group's ``r``
+        moves by more than a few ulps (at most :attr:`max_newton_steps` steps).
+        """
+        if not self.lam:
+            return
+        others = self._other_dims(param)
+        if not isinstance(step, Tensor) or step.numel() == 1:
+            t = step * self.lam
+            if not isinstance(t, Tensor) and t <= 0:
+                return
+            norms = torch.linalg.vector_norm(param, dim=others, keepdim=True)
+            param.mul_(norms.reciprocal_().mul_(-t).add_(1).clamp_(min=0))
+            return
+        a = torch.broadcast_to(step * self.lam, param.shape)
+        z2 = param.abs().square()
+        keep = (z2 / a.square()).sum(others, keepdim=True) > 1
+        r = (z2.sum(others, keepdim=True).sqrt() - a.amax(others, keepdim=True)).clamp_(min=0)
+        tol = 16 * torch.finfo(r.dtype).eps
+        for _ in range(self.max_newton_steps):
+            inv = (r + a).reciprocal_()
+            w = z2 * inv.square()
+            phi = w.sum(others, keepdim=True) - 1
+            slope = -2 * (w * inv).sum(others, keepdim=True)
+            delta = torch.where(keep & (phi > 0), phi / slope, 0)  # phi <= 0: at the root (rounding)
+            r = r - delta
+            if bool(((-delta) <= tol * r).all()):
+                break
+        param.mul_(torch.where(keep, r / (r + a), 0))

@@ -11,7 +11,7 @@ from . import _engine
 from ._select import EXCLUDED, default_weights
 from ._validate import check_module
 
-__all__ = ["penalty", "summary", "Summary"]
+__all__ = ["penalty", "summary", "Summary", "sparsity", "Sparsity"]
 
 
 def penalty(module: nn.Module) -> Tensor:
@@ -185,3 +185,101 @@ def _uncovered(module: nn.Module) -> List[Dict[str, Any]]:
         group["frozen"] += not p.requires_grad
         group["parameters"].append(name)
     return list(groups.values())
+
+
+class Sparsity:
+    """What :func:`sparsity` returns: ``str()`` is a table, :attr:`records` one dict per parameter,
+    :attr:`total` the same keys summed over them.
+
+    Each record has the keys ``parameter`` (qualified name), ``regularizer`` (its repr), ``numel``,
+    ``zeros`` (elements exactly 0), ``zero_fraction``, and for a group regularizer ``groups``,
+    ``zero_groups`` and ``zero_group_fraction`` (``None`` otherwise).
+    """
+
+    columns = ("parameter", "regularizer", "numel", "zeros", "zero_fraction", "groups", "zero_groups")
+
+    def __init__(self, records: List[Dict[str, Any]]) -> None:
+        self.records = records
+        numel = sum(r["numel"] for r in records)
+        zeros = sum(r["zeros"] for r in records)
+        grouped = [r for r in records if r["groups"] is not None]
+        groups = sum(r["groups"] for r in grouped) if grouped else None
+        zero_groups = sum(r["zero_groups"] for r in grouped) if grouped else None
+        self.total: Dict[str, Any] = dict(
+            parameter="total", regularizer=None, numel=numel, zeros=zeros,
+            zero_fraction=zeros / numel if numel else 0.0, groups=groups, zero_groups=zero_groups,
+            zero_group_fraction=(zero_groups / groups if groups else 0.0) if grouped else None,
+        )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __str__(self) -> str:
+        def cell(record: Dict[str, Any], key: str) -> str:
+            value = record[key]
+            if value is None:
+                return "-"
+            if key == "zero_fraction":
+                return f"{value:.1%}"
+            if key == "zero_groups" and record["groups"]:
+                return f"{value} ({record['zero_group_fraction']:.1%})"
+            return str(value)
+
+        records = self.records + [self.total]
+        rows = [list(self.columns)] + [[cell(r, c) for c in self.columns] for r in records]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(self.columns))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.insert(len(lines) - 1, lines[1])
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def sparsity(module: nn.Module) -> Sparsity:
+    """How sparse the regularized parameters of ``module`` are: exact zeros, and zero groups.
+
+    One record per regularized parameter of ``module`` (also those regularized by a call on an
+    enclosing module), in the order of ``module.named_parameters()``, and a total. A group regularizer
+    (:class:`torchreg.GroupLasso`) also counts its groups that are exactly zero (a pruned neuron, or
+    input feature). Counts are exact: ``w == 0``, no tolerance (proximal regularization makes exact
+    zeros; a gradient term leaves weights oscillating near zero).
+
+    Example::
+
+        >>> import torch, torchreg
+        >>> layer = torchreg.GroupLasso(torch.nn.Linear(3, 2, bias=False), lam=0.1, dim=1)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 3.0]]))
+        >>> report = torchreg.sparsity(layer)
+        >>> {k: report.records[0][k] for k in ("parameter", "zeros", "groups", "zero_groups")}
+        {'parameter': 'weight', 'zeros': 3, 'groups': 3, 'zero_groups': 1}
+        >>> report.total["zero_fraction"]
+        0.5
+    """
+    check_module(module, "sparsity")
+    covered: Dict[int, Any] = {}
+    for unit in _engine.units_in(module):
+        for entry in unit.entries:
+            covered.setdefault(id(entry.param), entry.rule)
+    records: List[Dict[str, Any]] = []
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            rule = covered.get(id(p))
+            if rule is None:
+                unit = _engine.owner_of(p)  # regularized by a call on an enclosing module
+                rule = next((e.rule for e in unit.entries if e.param is p), None) if unit is not None else None
+            if rule is None or _engine._is_lazy(p):
+                continue
+            zeros = int((p == 0).sum())
+            record: Dict[str, Any] = dict(parameter=name, regularizer=repr(rule), numel=p.numel(), zeros=zeros,
+                                          zero_fraction=zeros / p.numel() if p.numel() else 0.0,
+                                          groups=None, zero_groups=None, zero_group_fraction=None)
+            norms = getattr(rule, "group_norms", None)
+            if norms is not None:
+                n = norms(p)
+                record["groups"] = n.numel()
+                record["zero_groups"] = int((n == 0).sum())
+                record["zero_group_fraction"] = record["zero_groups"] / n.numel() if n.numel() else 0.0
+            records.append(record)
+    return Sparsity(records)
