@@ -9,7 +9,8 @@ they are.
 ...                           torchreg.L2(torch.nn.Linear(8, 1), lam=1e-3))
 """
 
-from .regularizers import ElasticNet, L1, L2, Regularizer
+from .config import rules_from_config, rules_to_config
+from .regularizers import ElasticNet, L1, L2, Orthogonal, Regularizer
 from .report import Summary, penalty, summary
 from .training import configure
 from .walker import apply_regularization, remove_regularization
@@ -20,6 +21,7 @@ __all__ = [
     "ElasticNet",
     "L1",
     "L2",
+    "Orthogonal",
     "Regularizer",
     "Summary",
     "__version__",
@@ -27,5 +29,7 @@ __all__ = [
     "configure",
     "penalty",
     "remove_regularization",
+    "rules_from_config",
+    "rules_to_config",
     "summary",
 ]
