@@ -383,6 +383,13 @@ class Orthogonal(_OneStrength):
     @overload
     def __new__(cls, lam: float, *, mode: str = "rows", params: Selection = None) -> "Orthogonal": ...
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        leading = "module" not in kwargs and args and isinstance(args[0], (nn.Module, type))
+        strengths = args[1:] if leading else args
+        if len(strengths) > 1:  # else the base class would take lam for the module
+            raise TypeError(
+                f"Orthogonal takes mode and params as keywords only, e.g. Orthogonal(module, lam, "
+                f"mode='columns'); got the extra positional argument(s) {', '.join(map(repr, strengths[1:]))}"
+            )
         return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, lam: float, *, mode: str = "rows", params: Selection = None) -> None:
