@@ -85,6 +85,7 @@ def check_exact(module: nn.Module, x: Tensor, lam: float, mode: str) -> nn.Modul
     loss_of(module, x).backward()
     (loss_of(ref, x) + pairwise_penalty(ref.weight, lam, mode)).backward()
     torch.testing.assert_close(module.weight.grad, ref.weight.grad, rtol=1e-10, atol=1e-13)
+    assert module.weight.grad.grad_fn is None and not module.weight.grad.requires_grad  # no graph kept
     assert torch.equal(module.bias.grad, ref.bias.grad)  # the bias is not regularized
     torch.testing.assert_close(torchreg.penalty(module), pairwise_penalty(ref.weight, lam, mode).detach(),
                                rtol=1e-12, atol=1e-15)
@@ -96,6 +97,35 @@ def check_exact(module: nn.Module, x: Tensor, lam: float, mode: str) -> nn.Modul
 def test_gradient_equals_autograd_of_the_formula(layer: str, mode: str) -> None:
     module, x = build(layer)
     check_exact(module, x, 0.3, mode)
+
+
+@pytest.mark.parametrize("mode", ["rows", "columns"])
+@pytest.mark.parametrize("block", [5, 13])
+def test_blocks_of_the_cosine_matrix(monkeypatch: pytest.MonkeyPatch, block: int, mode: str) -> None:
+    """Large weights go through the cosine matrix a block of rows at a time: the same result."""
+    from torchreg import regularizers
+
+    monkeypatch.setattr(regularizers, "_BLOCK", block)  # n = 6 rows: blocks of 1 and of 2 rows
+    module, x = build("conv2d", seed=8)
+    check_exact(module, x, 0.3, mode)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("mode", ["rows", "columns"])
+def test_create_graph_second_derivatives(mode: str) -> None:
+    """backward(create_graph=True): the term joins .grad's graph, so Hessian-vector products include
+    the penalty's, as with the penalty in the loss."""
+    module, x = build("conv1d_groups", seed=9)
+    ref = copy.deepcopy(module)
+    torchreg.Orthogonal(module, 0.6, mode=mode)
+    v = torch.randn_like(module.weight)
+    loss_of(module, x).backward(create_graph=True)
+    (hv,) = torch.autograd.grad((module.weight.grad * v).sum(), module.weight)
+    loss = loss_of(ref, x) + pairwise_penalty(ref.weight, 0.6, mode)
+    (g,) = torch.autograd.grad(loss, ref.weight, create_graph=True)
+    (want,) = torch.autograd.grad((g * v).sum(), ref.weight)
+    torch.testing.assert_close(module.weight.grad.detach(), g.detach(), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(hv, want, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["rows", "columns"])

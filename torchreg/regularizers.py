@@ -20,7 +20,7 @@ rule for :func:`torchreg.apply_regularization` that can also be applied later wi
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Type, TypeVar, overload
+from typing import Any, Dict, Iterator, Optional, Tuple, Type, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
@@ -322,6 +322,7 @@ class ElasticNet(Regularizer):
 
 _MODES = ("rows", "columns")
 _EPSILON = 1e-7  # keras.backend.epsilon(): Keras' floor on a vector's norm before dividing by it
+_BLOCK = 1 << 22  # entries of the cosine matrix computed at a time (16 MB of float32)
 
 
 class Orthogonal(_OneStrength):
@@ -416,12 +417,11 @@ class Orthogonal(_OneStrength):
         return kwargs
 
     def _vectors(self, param: Tensor) -> Tensor:
-        """The compared vectors as the rows of a matrix (detached; float32 for 16-bit parameters)."""
+        """The compared vectors as the rows of a matrix (float32 for 16-bit parameters). Not detached:
+        under ``backward(create_graph=True)`` the term joins ``.grad``'s graph, as a loss penalty's would."""
         if param.is_complex():
             raise TypeError(f"Orthogonal supports real parameters only, got dtype {param.dtype}")
-        p = param.detach()
-        if p.dtype in (torch.float16, torch.bfloat16):
-            p = p.float()
+        p = param.float() if param.dtype in (torch.float16, torch.bfloat16) else param
         m = p.reshape(p.shape[0] if p.ndim else 1, -1)
         return m if self.mode == "rows" else m.t()
 
@@ -431,14 +431,25 @@ class Orthogonal(_OneStrength):
         denom = norm.clamp_min(_EPSILON)
         return v / denom, denom, norm >= _EPSILON  # the last: rows whose norm is not floored
 
+    @staticmethod
+    def _blocks(n: int) -> Iterator[Tuple[int, int]]:
+        """Row blocks of the n x n cosine matrix, so that no more than ~4M entries exist at a time."""
+        step = max(1, _BLOCK // n)
+        for start in range(0, n, step):
+            yield start, min(start + step, n)
+
     def penalty(self, param: Tensor) -> Tensor:
         v = self._vectors(param)
         n = v.shape[0]
         if n < 2:
             return v.new_zeros(()).to(param.dtype)
         u = self._normalized(v)[0]
-        pairs = n * (n - 1) / 2
-        return (self.lam * torch.triu((u @ u.t()).abs(), diagonal=1).sum() / pairs).to(param.dtype)
+        total = v.new_zeros(())
+        for start, end in self._blocks(n):
+            cos = u[start:end] @ u.t()
+            cos[:, start:end].fill_diagonal_(0.0)
+            total = total + cos.abs().sum()  # every pair twice: (i, j) and (j, i)
+        return (self.lam * total / (n * (n - 1))).to(param.dtype)
 
     def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
         # With u_i = v_i / d_i, d_i = max(|v_i|, eps), C = U U^T and P = k * sum_{i<j} |C_ij|,
@@ -451,12 +462,14 @@ class Orthogonal(_OneStrength):
         if n < 2:
             return
         u, denom, free = self._normalized(v)
-        sign = torch.sign(u @ u.t())
-        sign.fill_diagonal_(0)
-        g = sign @ u
-        g.mul_(self.lam / (n * (n - 1) / 2))
-        g.sub_(u * ((u * g).sum(dim=1, keepdim=True) * free))
-        g.div_(denom)
+        flat = u.detach()  # sign() has derivative 0: S needs no graph
+        parts = []
+        for start, end in self._blocks(n):
+            sign = torch.sign(flat[start:end] @ flat.t())
+            sign[:, start:end].fill_diagonal_(0.0)
+            parts.append(sign @ u)
+        g = (parts[0] if len(parts) == 1 else torch.cat(parts)) * (self.lam / (n * (n - 1) / 2))
+        g = (g - u * ((u * g).sum(dim=1, keepdim=True) * free)) / denom
         if self.mode == "columns":
             g = g.t()
         add_scaled_(grad, g.reshape(param.shape).to(grad.dtype), alpha, scale)
