@@ -165,6 +165,22 @@ def test_no_pair_gives_zero_not_nan(layer: str, mode: str) -> None:
         assert np.isnan(keras_penalty(kernel, 0.5, "columns" if mode == "rows" else "rows"))
 
 
+@pytest.mark.parametrize("mode", ["rows", "columns"])
+def test_vectors_contribute_nothing(mode: str) -> None:
+    """A parameter with fewer than 2 dims (PReLU's weight, selected by the default) is no set of vectors."""
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4)).double()
+    bare = copy.deepcopy(model)
+    torchreg.apply_regularization(model, {nn.Module: torchreg.Orthogonal(lam=0.5, mode=mode)})
+    assert [r["module"] for r in torchreg.summary(model).records] == ["0", "1"]
+    x = torch.randn(2, 3, dtype=torch.float64)
+    loss_of(model, x).backward()
+    loss_of(bare, x).backward()
+    assert torch.equal(model[1].weight.grad, bare[1].weight.grad)
+    assert torchreg.Orthogonal(lam=0.5, mode=mode).penalty(model[1].weight).item() == 0.0
+    torch.testing.assert_close(torchreg.penalty(model), pairwise_penalty(model[0].weight, 0.5, mode).detach())
+
+
 @pytest.mark.parametrize("shape", [(3, 5), (5, 3), (6, 4, 3, 3)])
 @pytest.mark.parametrize("mode", ["rows", "columns"])
 def test_penalty_is_keras_formula_with_modes_swapped(shape, mode: str) -> None:

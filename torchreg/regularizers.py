@@ -350,8 +350,9 @@ class Orthogonal(_OneStrength):
     number of pairs, and its gradient term is 0 (as autograd's, ``|x|``'s derivative at 0 being 0). A
     vector shorter than 1e-7 is divided by 1e-7, not by its norm (Keras' floor; the gradient follows
     that branch). With fewer than two rows (columns) there is no pair: Keras divides by zero pairs and
-    returns NaN; here the penalty is 0 and nothing is added to the gradient. A 1-D weight is one
-    column of ``shape[0]`` one-element rows.
+    returns NaN; here the penalty is 0 and nothing is added to the gradient. A parameter with fewer
+    than 2 dimensions (a vector, e.g. ``PReLU``'s weight) is not a set of vectors: it contributes
+    nothing either (Keras refuses any rank but 2).
 
     Args:
         module: the layer (or whole model) to regularize. Omit it to get a rule.
@@ -422,7 +423,7 @@ class Orthogonal(_OneStrength):
         if param.is_complex():
             raise TypeError(f"Orthogonal supports real parameters only, got dtype {param.dtype}")
         p = param.float() if param.dtype in (torch.float16, torch.bfloat16) else param
-        m = p.reshape(p.shape[0] if p.ndim else 1, -1)
+        m = p.reshape(p.shape[0], -1)
         return m if self.mode == "rows" else m.t()
 
     @staticmethod
@@ -439,6 +440,8 @@ class Orthogonal(_OneStrength):
             yield start, min(start + step, n)
 
     def penalty(self, param: Tensor) -> Tensor:
+        if param.ndim < 2:  # a vector, not a set of vectors
+            return param.new_zeros((), dtype=param.dtype)
         v = self._vectors(param)
         n = v.shape[0]
         if n < 2:
@@ -455,7 +458,7 @@ class Orthogonal(_OneStrength):
         # With u_i = v_i / d_i, d_i = max(|v_i|, eps), C = U U^T and P = k * sum_{i<j} |C_ij|,
         # k = lam / (n (n - 1) / 2):  dP/dU = k * S U, where S = sign(C) with a zero diagonal; then
         # dP/dv_i = (g_i - u_i (u_i . g_i)) / d_i where |v_i| >= eps, g_i / eps where floored.
-        if not self.lam:
+        if not self.lam or param.ndim < 2:
             return
         v = self._vectors(param)
         n = v.shape[0]
