@@ -314,6 +314,37 @@ def test_nothing_is_imported_or_evaluated(monkeypatch: pytest.MonkeyPatch) -> No
             torchreg.rules_from_config([entry])
 
 
+class Strict(torchreg.L1):
+    """A stand-in for a class whose strength is checked by its constructor only (no _strengths)."""
+
+    _strengths = ()
+
+    def __init__(self, lam: Any, *, flag: bool = False) -> None:
+        if not isinstance(lam, float):
+            raise TypeError(f"lam must be a float, got {lam!r}")
+        super().__init__(lam)
+        self.flag = flag
+
+
+@pytest.mark.parametrize("options, start", [
+    ({"lam": 1, "flag": True}, "rules[0].regularizer.lam: lam must be a float"),
+    ({"lam": 0.5, "flag": True}, None),
+])
+def test_the_refused_required_option_is_named(monkeypatch: pytest.MonkeyPatch, options: Dict[str, Any],
+                                              start: Any) -> None:
+    from torchreg import config
+
+    monkeypatch.setitem(config._REGULARIZERS, "Strict", Strict)
+    data = [rule({"type": "Linear"}, {"type": "Strict", **options})]
+    if start is None:
+        (value,) = torchreg.rules_from_config(data).values()
+        assert (type(value), value.lam, value.flag) == (Strict, 0.5, True)
+    else:
+        with pytest.raises(TypeError) as info:
+            torchreg.rules_from_config(data)
+        assert str(info.value).startswith(start), str(info.value)
+
+
 class Pair(torchreg.L1):
     """A stand-in for a future regularizer with options of its own (GroupLasso's dim, proximal)."""
 

@@ -219,15 +219,23 @@ def _regularizer_from(data: Any, path: str) -> RuleValue:
     try:
         return cls(**options)
     except (TypeError, ValueError) as error:
-        base = {key: options[key] for key in required}
-        for key in options:
-            if key in base:
-                continue
+        raise type(error)(f"{_culprit(cls, options, required, path)}: {error}") from None
+
+
+def _culprit(cls: type, options: Dict[str, Any], required: List[str], path: str) -> str:
+    """The path of the option the constructor refuses on its own; ``path`` when none does."""
+    base = {key: options[key] for key in required}
+    try:
+        cls(**base)
+    except (TypeError, ValueError):
+        return f"{path}.{required[0]}" if len(required) == 1 else path
+    for key in options:
+        if key not in base:
             try:
                 cls(**base, **{key: options[key]})
-            except (TypeError, ValueError) as culprit:  # this option alone is refused
-                raise type(culprit)(f"{path}.{key}: {culprit}") from None
-        raise type(error)(f"{path}: {error}") from None
+            except (TypeError, ValueError):
+                return f"{path}.{key}"
+    return path  # options refused together only
 
 
 def _check_params(value: Any, path: str) -> None:
