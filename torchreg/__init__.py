@@ -9,8 +9,9 @@ they are.
 ...                           torchreg.L2(torch.nn.Linear(8, 1), lam=1e-3))
 """
 
+from .config import rules_from_config, rules_to_config
 from .groups import param_groups
-from .regularizers import ElasticNet, GroupLasso, L1, L2, Regularizer
+from .regularizers import ElasticNet, GroupLasso, L1, L2, Orthogonal, Regularizer
 from .report import Sparsity, Summary, penalty, sparsity, summary
 from .training import configure
 from .walker import apply_regularization, remove_regularization
@@ -22,6 +23,7 @@ __all__ = [
     "GroupLasso",
     "L1",
     "L2",
+    "Orthogonal",
     "Regularizer",
     "Sparsity",
     "Summary",
@@ -31,6 +33,8 @@ __all__ = [
     "param_groups",
     "penalty",
     "remove_regularization",
+    "rules_from_config",
+    "rules_to_config",
     "sparsity",
     "summary",
 ]

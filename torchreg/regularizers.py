@@ -21,7 +21,7 @@ rule for :func:`torchreg.apply_regularization` that can also be applied later wi
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Optional, Tuple, Type, TypeVar, overload
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple, Type, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,7 @@ from ._ops import (
 from ._select import Selection, check_selection, describe_selection, select
 from ._validate import check_hookable, check_strength, describe, largest
 
-__all__ = ["Regularizer", "L1", "L2", "ElasticNet", "GroupLasso"]
+__all__ = ["Regularizer", "L1", "L2", "ElasticNet", "GroupLasso", "Orthogonal"]
 
 M = TypeVar("M", bound=nn.Module)
 R = TypeVar("R", bound="Regularizer")
@@ -575,3 +575,161 @@ class GroupLasso(_OneStrength):
             if bool(((-delta) <= tol * r).all()):
                 break
         param.mul_(torch.where(keep, r / (r + a), 0))
+
+
+_MODES = ("rows", "columns")
+_EPSILON = 1e-7  # keras.backend.epsilon(): Keras' floor on a vector's norm before dividing by it
+_BLOCK = 1 << 22  # entries of the cosine matrix computed at a time (16 MB of float32)
+
+
+class Orthogonal(_OneStrength):
+    """Keras' ``OrthogonalRegularizer`` in torch's layout: pushes a weight's rows towards orthogonality.
+
+    Each selected weight is viewed as a matrix ``(shape[0], -1)``: for ``Linear`` and ``Conv*d`` one
+    row per output unit or filter (``ConvTranspose*d`` weights are ``(in, out / groups, ...)``: one
+    row per input channel). With ``mode="rows"`` the rows ``v_1 .. v_n`` are compared, with
+    ``mode="columns"`` the columns. Each vector is L2-normalized as Keras does,
+    ``u_i = v_i / max(||v_i||, 1e-7)`` (``1e-7`` is ``keras.backend.epsilon()``), and the penalty is
+    the mean absolute cosine over the ``n (n - 1) / 2`` distinct pairs::
+
+        penalty = lam * mean_{i < j} |u_i . u_j|  =  lam * sum_{i < j} |u_i . u_j| / (n (n - 1) / 2)
+
+    which is Keras' ``factor * 0.5 * sum(|U U^T - diag|) / num_pairs`` with ``factor = lam``. Its
+    exact gradient (derived analytically, checked against autograd) is added to ``w.grad``.
+
+    **Mapping to Keras.** A Keras ``Dense`` kernel is ``(in, out)``, the transpose of a torch ``Linear``
+    weight ``(out, in)``. So ``Orthogonal(linear, lam, mode="rows")`` (output units orthogonal)
+    equals Keras' ``OrthogonalRegularizer(lam, mode="columns")`` on the matching ``Dense``, and
+    ``mode="columns"`` here equals Keras' ``mode="rows"`` (Keras' default). Keras accepts rank-2
+    kernels only; here a conv weight is flattened per filter, ``(out, in / groups * kh * kw)``.
+
+    **Edge cases.** A zero row (column) normalizes to 0: its cosines are 0, it still counts in the
+    number of pairs, and its gradient term is 0 (as autograd's, ``|x|``'s derivative at 0 being 0). A
+    vector shorter than 1e-7 is divided by 1e-7, not by its norm (Keras' floor; the gradient follows
+    that branch). With fewer than two rows (columns) there is no pair: Keras divides by zero pairs and
+    returns NaN; here the penalty is 0 and nothing is added to the gradient. A parameter with fewer
+    than 2 dimensions (a vector, e.g. ``PReLU``'s weight) is not a set of vectors: it contributes
+    nothing either (Keras refuses any rank but 2).
+
+    Args:
+        module: the layer (or whole model) to regularize. Omit it to get a rule.
+        lam: strength, a finite number >= 0 (Keras' ``factor``); may be changed later.
+        mode: ``"rows"`` (default) or ``"columns"`` of the ``(shape[0], -1)`` view; keyword only.
+        params: which parameters; see :class:`L1`.
+
+    Returns:
+        With ``module``: the same module object, regularized. Without: an ``Orthogonal`` rule.
+
+    Raises:
+        TypeError: as :class:`L1`; ``mode`` is not a string; a selected parameter is complex (at
+            backward: cosines of complex vectors are not defined here).
+        ValueError: as :class:`L1`; ``mode`` is neither ``"rows"`` nor ``"columns"``.
+
+    Example::
+
+        >>> import torch, torchreg
+        >>> layer = torchreg.Orthogonal(torch.nn.Linear(2, 3, bias=False), lam=0.3)
+        >>> with torch.no_grad():   # rows at 0, 45 and 90 degrees: |cos| = 0.7071, 0, 0.7071
+        ...     _ = layer.weight.copy_(torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 5.0]]))
+        >>> torchreg.penalty(layer)   # 0.3 * (0.7071 + 0 + 0.7071) / 3
+        tensor(0.1414)
+        >>> torchreg.Orthogonal(lam=0.01, mode="columns")
+        Orthogonal(lam=0.01, mode='columns')
+    """
+
+    @overload
+    def __new__(cls, module: M, lam: float, *, mode: str = "rows", params: Selection = None) -> M: ...
+    @overload
+    def __new__(cls, lam: float, *, mode: str = "rows", params: Selection = None) -> "Orthogonal": ...
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        leading = "module" not in kwargs and args and isinstance(args[0], (nn.Module, type))
+        strengths = args[1:] if leading else args
+        if len(strengths) > 1:  # else the base class would take lam for the module
+            raise TypeError(
+                f"Orthogonal takes mode and params as keywords only, e.g. Orthogonal(module, lam, "
+                f"mode='columns'); got the extra positional argument(s) {', '.join(map(repr, strengths[1:]))}"
+            )
+        return super().__new__(cls, *args, **kwargs)
+
+    def __init__(self, lam: float, *, mode: str = "rows", params: Selection = None) -> None:
+        super().__init__(lam, params=params)
+        self.mode = mode
+
+    @property
+    def mode(self) -> str:
+        """``"rows"`` or ``"columns"`` of the ``(shape[0], -1)`` view; may be changed at any time."""
+        return self.__dict__["mode"]
+
+    @mode.setter
+    def mode(self, value: Any) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"Orthogonal mode must be 'rows' or 'columns', got {value!r} ({type(value).__name__})")
+        if value not in _MODES:
+            raise ValueError(f"Orthogonal mode must be 'rows' or 'columns', got {value!r}")
+        self.__dict__["mode"] = value
+
+    def _kwargs(self) -> Dict[str, Any]:
+        kwargs = {"lam": self.lam, "mode": self.mode}
+        if self.params is not None:
+            kwargs["params"] = self.params
+        return kwargs
+
+    def _vectors(self, param: Tensor) -> Tensor:
+        """The compared vectors as the rows of a matrix (float32 for 16-bit parameters). Not detached:
+        under ``backward(create_graph=True)`` the term joins ``.grad``'s graph, as a loss penalty's would."""
+        if param.is_complex():
+            raise TypeError(f"Orthogonal supports real parameters only, got dtype {param.dtype}")
+        p = param.float() if param.dtype in (torch.float16, torch.bfloat16) else param
+        m = p.reshape(p.shape[0], -1)
+        return m if self.mode == "rows" else m.t()
+
+    @staticmethod
+    def _normalized(v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+        denom = norm.clamp_min(_EPSILON)
+        return v / denom, denom, norm >= _EPSILON  # the last: rows whose norm is not floored
+
+    @staticmethod
+    def _blocks(n: int) -> Iterator[Tuple[int, int]]:
+        """Row blocks of the n x n cosine matrix, so that no more than ~4M entries exist at a time."""
+        step = max(1, _BLOCK // n)
+        for start in range(0, n, step):
+            yield start, min(start + step, n)
+
+    def penalty(self, param: Tensor) -> Tensor:
+        if param.ndim < 2:  # a vector, not a set of vectors
+            return param.new_zeros((), dtype=param.dtype)
+        v = self._vectors(param)
+        n = v.shape[0]
+        if n < 2:
+            return v.new_zeros(()).to(param.dtype)
+        u = self._normalized(v)[0]
+        total = v.new_zeros(())
+        for start, end in self._blocks(n):
+            cos = u[start:end] @ u.t()
+            cos[:, start:end].fill_diagonal_(0.0)
+            total = total + cos.abs().sum()  # every pair twice: (i, j) and (j, i)
+        return (self.lam * total / (n * (n - 1))).to(param.dtype)
+
+    def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
+        # With u_i = v_i / d_i, d_i = max(|v_i|, eps), C = U U^T and P = k * sum_{i<j} |C_ij|,
+        # k = lam / (n (n - 1) / 2):  dP/dU = k * S U, where S = sign(C) with a zero diagonal; then
+        # dP/dv_i = (g_i - u_i (u_i . g_i)) / d_i where |v_i| >= eps, g_i / eps where floored.
+        if not self.lam or param.ndim < 2:
+            return
+        v = self._vectors(param)
+        n = v.shape[0]
+        if n < 2:
+            return
+        u, denom, free = self._normalized(v)
+        flat = u.detach()  # sign() has derivative 0: S needs no graph
+        parts = []
+        for start, end in self._blocks(n):
+            sign = torch.sign(flat[start:end] @ flat.t())
+            sign[:, start:end].fill_diagonal_(0.0)
+            parts.append(sign @ u)
+        g = (parts[0] if len(parts) == 1 else torch.cat(parts)) * (self.lam / (n * (n - 1) / 2))
+        g = (g - u * ((u * g).sum(dim=1, keepdim=True) * free)) / denom
+        if self.mode == "columns":
+            g = g.t()
+        add_scaled_(grad, g.reshape(param.shape).to(grad.dtype), alpha, scale)
