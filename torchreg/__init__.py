@@ -9,6 +9,7 @@ they are.
 ...                           torchreg.L2(torch.nn.Linear(8, 1), lam=1e-3))
 """
 
+from .activity import ActivityL1, ActivityL2
 from .regularizers import ElasticNet, L1, L2, Regularizer
 from .report import Summary, penalty, summary
 from .training import configure
@@ -17,6 +18,8 @@ from .walker import apply_regularization, remove_regularization
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivityL1",
+    "ActivityL2",
     "ElasticNet",
     "L1",
     "L2",
