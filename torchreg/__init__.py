@@ -9,6 +9,7 @@ they are.
 ...                           torchreg.L2(torch.nn.Linear(8, 1), lam=1e-3))
 """
 
+from .activity import ActivityL1, ActivityL2
 from .config import rules_from_config, rules_to_config
 from .groups import param_groups
 from .regularizers import ElasticNet, GroupLasso, L1, L2, Orthogonal, Regularizer
@@ -19,6 +20,8 @@ from .walker import apply_regularization, remove_regularization
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivityL1",
+    "ActivityL2",
     "ElasticNet",
     "GroupLasso",
     "L1",

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Sequence, Set
 import torch
 from torch import Tensor, nn
 
-from . import _engine
+from . import _activity_engine, _engine
 from ._select import EXCLUDED, default_weights
 from ._validate import check_module
 
@@ -21,7 +21,9 @@ def penalty(module: nn.Module) -> Tensor:
     enclosing module) of ``lam * sum|w|`` (L1) and ``lam / 2 * sum w**2`` (L2), the
     same value whose gradient torchreg adds during backward. It is for logging ("how much of the loss
     is regularization"): torchreg adds the gradient itself, so do not add this to the loss.
-    ``tensor(0.)`` when nothing is regularized.
+    ``tensor(0.)`` when nothing is regularized. Activity regularization (``ActivityL1``,
+    ``ActivityL2``) is not included: its penalty depends on outputs, which torchreg does not keep
+    (``rule.penalty(out, batch)`` computes one call's value from an output you kept).
 
     Example::
 
@@ -154,6 +156,7 @@ def summary(module: nn.Module) -> Summary:
             row(skip.name, skip.module_type, skip.origin, None)["note"] = skip.reason
         order = {name: i for i, (name, _) in enumerate(unit.root.named_modules())}
         records.extend(sorted(rows.values(), key=lambda r: order.get(r.pop("_path"), -1)))
+    records.extend(_activity_engine.summary_records(module))  # activity rows, penalty None
     return Summary(records, _uncovered(module))
 
 

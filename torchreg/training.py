@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from . import _engine
+from . import _activity_engine, _engine
 from ._validate import check_module, check_positive_int
 
 __all__ = ["configure"]
@@ -55,7 +55,7 @@ def configure(model: M, *, accumulation_steps: int = _KEEP, grad_scaler: Any = _
             f"grad_scaler must be a torch.amp.GradScaler or None, got {grad_scaler!r} "
             f"({type(grad_scaler).__name__})"
         )
-    units = list(_engine.units_in(model))
+    units = list(_engine.units_in(model)) + list(_activity_engine.activity_units_in(model))  # activity: i13
     if not units:
         enclosing = next((u for u in map(_engine.owner_of, model.parameters()) if u is not None), None)
         if enclosing is not None:

@@ -9,9 +9,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar,
 
 from torch import nn
 
-from . import _engine
+from . import _activity_engine, _engine
 from ._select import EXCLUDED, select
 from ._validate import check_hookable, check_module, describe
+from .activity import _ActivityRegularizer
 from .regularizers import _NO_MODULE, Regularizer
 
 __all__ = ["apply_regularization", "remove_regularization"]
@@ -163,10 +164,20 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
     skipped: List[_engine.Skipped] = []
     excluded: List[str] = []
     taken: Dict[int, str] = {}
+    activity: List[_activity_engine.ActivityEntry] = []  # activity rules (i13): a stream of their own
     for path, module in model.named_modules():
         if any(_inside(path, prefix) for prefix in excluded):
             continue
-        index = next((i for i, rule in enumerate(compiled) if rule.matches(path, module)), None)
+        # Weight rules and activity rules are matched independently (i13): the module gets the first
+        # matching rule of each kind; a None rule counts for both kinds.
+        matched = [i for i, rule in enumerate(compiled) if rule.matches(path, module)]
+        act = next((i for i in matched if _is_activity(compiled[i])), None)
+        index = next((i for i in matched if not _is_activity(compiled[i])), None)
+        if act is not None and not any(compiled[i].regularizer is None for i in matched if i < act):
+            hits[act] += 1
+            selected[act] += 1
+            activity.append(_activity_engine.ActivityEntry(path, module, compiled[act].regularizer,
+                                                           f"rule {compiled[act].label}"))
         if index is None:
             continue
         hits[index] += 1
@@ -205,12 +216,20 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
         warnings.warn(message, UserWarning, stacklevel=2)
     for entry in entries:
         entry.rule._check_fits([(entry.name, entry.param)])
+    if activity:
+        _activity_engine.check_free(model, activity)  # raise before the weight unit is attached
     if entries or skipped:
         _engine.attach(model, entries, skipped)
+    if activity:
+        _activity_engine.attach(model, activity)
     for rule in compiled:
         if rule.regularizer is not None:
             rule.regularizer._applied_to([e.param for e in entries if e.rule is rule.regularizer])
     return model
+
+
+def _is_activity(rule: _Rule) -> bool:
+    return isinstance(rule.regularizer, _ActivityRegularizer)
 
 
 def _inside(path: str, prefix: str) -> bool:
@@ -223,6 +242,9 @@ def remove_regularization(module: M) -> M:
     Removes what :func:`apply_regularization` and the wrappers (``L1(layer, ...)``) applied to
     ``module`` or to any module inside it: every hook and the attribute torchreg set. Parameters,
     ``state_dict``, forward and gradients are then those of a module that never had torchreg.
+
+    Activity regularization (``ActivityL1``, ``ActivityL2``) is removed too: outputs computed before
+    the removal add no term at their backward either.
 
     Raises:
         TypeError: ``module`` is not a module instance.
@@ -238,9 +260,11 @@ def remove_regularization(module: M) -> M:
         tensor(0.)
     """
     check_module(module, "remove_regularization")
-    units = list(_engine.units_in(module))
+    units: List[Any] = list(_engine.units_in(module)) + list(_activity_engine.activity_units_in(module))  # (i13)
     if not units:
         enclosing = next((u for u in map(_engine.owner_of, module.parameters()) if u is not None), None)
+        if enclosing is None:  # an activity regularization applied by a call on an enclosing module (i13)
+            enclosing = next((h.unit for m in module.modules() for h in _activity_engine.hooks_on(m)), None)
         where = (f"; its parameters are regularized by a call on an enclosing {type(enclosing.root).__name__}:"
                  " remove it there" if enclosing is not None else "")
         raise ValueError(f"no torchreg regularization found on {type(module).__name__} or its submodules{where}")
