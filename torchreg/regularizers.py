@@ -66,6 +66,11 @@ class Regularizer:
         module, args, kwargs = cls._split_module(args, kwargs)
         if module is _NO_MODULE:
             return super().__new__(cls)
+        if module is None:
+            raise TypeError(
+                f"torchreg.{cls.__name__} expects an nn.Module instance as its module, got None; leave the module "
+                f"out to make a rule: torchreg.{cls.__name__}({', '.join(cls._strengths)})"
+            )
         check_hookable(module, f"torchreg.{cls.__name__}")
         return cls(*args, **kwargs).apply(module)
 
