@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 import torchreg
-from torchreg._select import is_default_weight, is_norm_layer, select
+from torchreg._select import is_norm_layer, select
 from reference import assert_same_grads, explicit_penalty
 
 pytestmark = [
@@ -490,6 +490,8 @@ def test_unknown_norm_layers_in_a_model_get_no_term_and_the_kernels_get_theirs()
 
 
 def test_is_default_weight_reads_the_owner_and_the_shape():
+    from torchreg._select import is_default_weight
+
     assert is_default_weight("weight", nn.Linear(3, 1), nn.Linear(3, 1).weight)
     assert not is_default_weight("weight", Custom("weight", (1, 3)), nn.Parameter(torch.ones(1, 3)))
     assert not is_default_weight("bias", nn.Linear(3, 3), nn.Linear(3, 3).bias)
