@@ -23,6 +23,7 @@ from reference import assert_same_grads, explicit_penalty
 
 pytestmark = [
     pytest.mark.filterwarnings("error:torchreg"),
+    pytest.mark.filterwarnings("error:apply_regularization"),
     pytest.mark.filterwarnings("ignore:Lazy modules are a new feature"),
 ]
 

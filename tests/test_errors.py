@@ -202,6 +202,10 @@ def test_strength_beyond_float16_is_refused_at_apply_and_at_assignment():
         with pytest.raises(ValueError, match="float16"):
             copied.lam = 7e4
     rule.lam = 65504.0  # the largest float16 value itself is allowed
+    ruled = torchreg.L1(1.0)
+    torchreg.apply_regularization(make_model().half(), {nn.Linear: ruled})  # a rule set records it too
+    with pytest.raises(ValueError, match="float16"):
+        ruled.lam = 1e5
     assert torchreg.L1(1e39).lam == 1e39  # a rule applied to nothing yet has no dtype limit
 
 
