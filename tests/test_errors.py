@@ -3,7 +3,11 @@ the model exactly as it was: no hook, no attribute, the same state_dict and the 
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
+import pickle
+import warnings
 from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
@@ -72,6 +76,45 @@ BAD_CALLS: List[Tuple[str, Callable[[nn.Module], Any], type, Tuple[str, ...]]] =
      ("['*.weight', 1]", "glob pattern")),
     ("params-bytes", lambda m: torchreg.ElasticNet(m, 0.1, 0.1, params=b"weight"), TypeError,
      ("b'weight'", "predicate")),
+    # strengths the parameters' dtype cannot hold (float32 here): refused at apply, before any hook
+    ("lam-beyond-float32", lambda m: torchreg.L1(m, 1e39), ValueError,
+     ("lam=1e+39", "torch.float32", "3.4028234663852886e+38", "'0.weight'")),
+    ("l2-beyond-float32", lambda m: torchreg.ElasticNet(m, 0.1, 1e39), ValueError, ("l2=1e+39", "float32")),
+    ("rule-beyond-float32", lambda m: torchreg.L2(1e39).apply(m), ValueError, ("lam=1e+39", "float32")),
+    ("rules-beyond-float32", lambda m: torchreg.apply_regularization(m, {nn.Linear: torchreg.L1(1e39)}),
+     ValueError, ("lam=1e+39", "float32", "'0.weight'")),
+    ("huge-int-lam", lambda m: torchreg.L1(m, 10**400), ValueError, ("401 digits", "1e400", "finite")),
+    ("huge-int-rule", lambda m: torchreg.L2(10**400), ValueError, ("1e400", "largest float")),
+    ("bool-tensor-lam", lambda m: torchreg.L1(m, torch.tensor(True)), TypeError, ("bool tensor", "tensor(True)")),
+    ("meta-tensor-lam", lambda m: torchreg.L2(m, torch.tensor(0.1, device="meta")), TypeError,
+     ("meta device", "holds no value")),
+    ("vector-tensor-lam", lambda m: torchreg.L1(m, torch.ones(2)), TypeError,
+     ("tensor([1., 1.])", "one-element")),
+    # the module: None, a TorchScript module, two modules
+    ("none-module", lambda m: torchreg.L1(None, 0.1), TypeError, ("got None", "torchreg.L1(lam)")),
+    ("none-module-lam-keyword", lambda m: torchreg.L2(None, lam=0.1), TypeError, ("got None",)),
+    ("none-module-keyword", lambda m: torchreg.L1(module=None, lam=0.1), TypeError, ("got None",)),
+    ("none-module-elasticnet", lambda m: torchreg.ElasticNet(None, 0.1, 0.2), TypeError,
+     ("got None", "torchreg.ElasticNet(l1, l2)")),
+    ("script-module", lambda m: torchreg.L1(torch.jit.script(m), 0.1), TypeError,
+     ("RecursiveScriptModule", "TorchScript", "then script it")),
+    ("script-module-apply", lambda m: torchreg.L2(0.1).apply(torch.jit.script(m)), TypeError,
+     ("RecursiveScriptModule", "load_state_dict hook")),
+    ("script-module-rules", lambda m: torchreg.apply_regularization(torch.jit.script(m), {nn.Linear: torchreg.L1(0.1)}),
+     TypeError, ("RecursiveScriptModule", "TorchScript")),
+    ("two-modules", lambda m: torchreg.L1(m[0], 0.1, module=m[1]), TypeError,
+     ("two modules", "a Linear module", "a LayerNorm module")),
+    ("two-modules-rule-keywords", lambda m: torchreg.ElasticNet(m[0], l1=0.1, l2=0.2, module=m), TypeError,
+     ("two modules", "a Sequential module")),
+    # a rule value that would regularize a module when called: refused before it is called
+    ("partial-binding-module", lambda m: torchreg.apply_regularization(
+        m, {nn.Linear: functools.partial(torchreg.L1, m[0], lam=0.1)}), TypeError,
+     ("rule #1 Linear", "binds a Linear module", "functools.partial(torchreg.L1, lam=1e-4)")),
+    ("partial-binding-module-keyword", lambda m: torchreg.apply_regularization(
+        m, {"0": functools.partial(torchreg.ElasticNet, module=m[0], l1=0.1, l2=0.1)}), TypeError,
+     ("rule #1 '0'", "binds a Linear module", "ElasticNet, l1=1e-4, l2=1e-4")),
+    ("partial-binding-none", lambda m: torchreg.apply_regularization(
+        m, {nn.Linear: functools.partial(torchreg.L2, None, 0.1)}), TypeError, ("rule #1 Linear", "binds None")),
 ]
 
 
@@ -126,6 +169,10 @@ def test_parameter_that_cannot_be_regularized_rolls_back() -> None:
         pytest.param(torchreg.L2(0.1), "lam", math.nan, ValueError, id="L2-nan"),
         pytest.param(torchreg.ElasticNet(0.1, 0.2), "l2", math.inf, ValueError, id="ElasticNet-inf"),
         pytest.param(torchreg.ElasticNet(0.1, 0.2), "l1", "0.5", TypeError, id="ElasticNet-string"),
+        pytest.param(torchreg.L1(0.1), "lam", 1e39, ValueError, id="L1-beyond-float32"),
+        pytest.param(torchreg.ElasticNet(0.1, 0.2), "l2", 3.5e38, ValueError, id="ElasticNet-beyond-float32"),
+        pytest.param(torchreg.L2(0.1), "lam", 10**400, ValueError, id="L2-huge-int"),
+        pytest.param(torchreg.L1(0.1), "lam", torch.tensor(False), TypeError, id="L1-bool-tensor"),
     ],
 )
 def test_bad_strength_assignment_keeps_the_old_strength(rule, attribute: str, value: Any, error: type) -> None:
@@ -136,3 +183,68 @@ def test_bad_strength_assignment_keeps_the_old_strength(rule, attribute: str, va
         setattr(rule, attribute, value)
     assert getattr(rule, attribute) == old
     assert torch.equal(torchreg.penalty(model), before)
+
+
+def test_strength_beyond_float16_is_refused_at_apply_and_at_assignment():
+    torch.manual_seed(0)
+    model = make_model().half()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"lam=70000\.0 is beyond the largest torch\.float16 value \(65504\.0\)"):
+        torchreg.L1(model, 7e4)
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters()) and not hasattr(model, "_torchreg_unit")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    rule = torchreg.L2(6e4)  # fits float16
+    rule.apply(model)
+    with pytest.raises(ValueError, match=r"lam=70000\.0 is beyond the largest torch\.float16 value"):
+        rule.lam = 7e4
+    assert rule.lam == 6e4
+    for copied in (copy.deepcopy(rule), pickle.loads(pickle.dumps(rule))):  # the limit travels with the rule
+        with pytest.raises(ValueError, match="float16"):
+            copied.lam = 7e4
+    rule.lam = 65504.0  # the largest float16 value itself is allowed
+    ruled = torchreg.L1(1.0)
+    torchreg.apply_regularization(make_model().half(), {nn.Linear: ruled})  # a rule set records it too
+    with pytest.raises(ValueError, match="float16"):
+        ruled.lam = 1e5
+    assert torchreg.L1(1e39).lam == 1e39  # a rule applied to nothing yet has no dtype limit
+
+
+@pytest.mark.parametrize("rule_cls", [torchreg.L1, torchreg.L2, torchreg.ElasticNet])
+@pytest.mark.parametrize("dtype, lam", [(torch.float16, 1e5), (torch.bfloat16, 3.395e38)])
+def test_strength_beyond_a_dtype_set_after_apply_gives_autograd_inf(rule_cls, dtype, lam):
+    """``model.half()`` after torchreg: the strength no longer fits. The backward must not fail; the term
+    is what autograd gives for the penalty in the loss (inf beyond the range), not an error."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    ref = copy.deepcopy(model)
+    strengths = (lam, lam) if rule_cls is torchreg.ElasticNet else (lam,)
+    rule_cls(model, *strengths)
+    model.to(dtype)
+    ref.to(dtype)
+    x = torch.randn(5, 4).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x).sum().backward()
+    l1 = lam if rule_cls is not torchreg.L2 else 0.0
+    l2 = lam if rule_cls is not torchreg.L1 else 0.0
+    w = ref.weight
+    (ref(x).sum() + l1 * w.abs().sum() + l2 / 2 * (w * w).sum()).backward()
+    got, want = model.weight.grad, ref.weight.grad
+    assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got.sign(), want.sign())
+    if rule_cls is torchreg.L1:  # lam * sign(w): beyond the range, or rounded to its largest value
+        assert torch.equal(got, want)
+    else:  # the finite entries agree to the dtype's rounding (autograd computes lam/2 * 2w in the dtype)
+        torch.testing.assert_close(got[~got.isinf()].float(), want[~want.isinf()].float(), rtol=2e-2, atol=0)
+    assert torch.equal(model.bias.grad, ref.bias.grad)
+
+
+def test_configure_on_a_part_of_a_model_regularized_as_a_whole_points_to_the_whole():
+    model = torchreg.apply_regularization(make_model(), {nn.Linear: torchreg.L1(0.1)})
+    unit = model._torchreg_unit
+    with pytest.raises(ValueError, match=r"Linear is regularized as part of an enclosing Sequential.*"
+                                         r"torchreg\.configure on that Sequential"):
+        torchreg.configure(model[0], accumulation_steps=4)
+    assert unit.accumulation_steps == 1
+    with pytest.raises(ValueError, match="nothing in LayerNorm is regularized"):  # nothing of it covered
+        torchreg.configure(model[1], accumulation_steps=4)
+    assert torchreg.configure(model, accumulation_steps=4) is model and unit.accumulation_steps == 4

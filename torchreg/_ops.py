@@ -25,11 +25,13 @@ def add_scaled_(grad: Tensor, x: Tensor, coef: float, scale: Optional[Tensor]) -
 
     A device tensor for ``scale`` (a grad scaler's) is used without reading it on the host. A ``coef``
     beyond the largest value of ``grad``'s dtype (possible only when the parameters' dtype changed after
-    torchreg checked the strength) adds ``coef * x`` computed in that dtype: inf, as autograd's gradient
-    of the penalty in the loss is then.
+    torchreg checked the strength) cannot be passed to ``add_``: the term is then computed in double
+    precision and rounded to ``grad``'s dtype, inf where it is beyond the dtype's range, as autograd's
+    gradient of the penalty in the loss is then.
     """
     if coef > _FLOAT16_MAX and coef > torch.finfo(grad.dtype).max:
-        grad.add_(x * coef if scale is None else x * scale * coef)
+        wide = x.to(torch.complex128 if x.is_complex() else torch.float64) * coef
+        grad.add_((wide if scale is None else wide * scale.to(wide.dtype)).to(grad.dtype))
         return
     if scale is None:
         grad.add_(x, alpha=coef)

@@ -67,6 +67,11 @@ class Regularizer:
         module, args, kwargs = cls._split_module(args, kwargs)
         if module is _NO_MODULE:
             return super().__new__(cls)
+        if module is None:
+            raise TypeError(
+                f"torchreg.{cls.__name__} expects an nn.Module instance as its module, got None; leave the module "
+                f"out to make a rule: torchreg.{cls.__name__}({', '.join(cls._strengths)})"
+            )
         check_hookable(module, f"torchreg.{cls.__name__}")
         return cls(*args, **kwargs).apply(module)
 
@@ -280,20 +285,24 @@ class L1(_OneStrength):
     Args:
         module: the layer (or whole model) to regularize. Omit it to get a rule for
             :func:`torchreg.apply_regularization` or :meth:`apply`.
-        lam: strength, a finite number >= 0. May be changed later (``rule.lam = ...``): the new value
-            applies from the next backward.
-        params: which parameters: ``None`` (default) for the weights of every layer but
-            normalization layers, biases excluded; a glob pattern or list of them over the names of
-            ``module.named_parameters()``; or a predicate ``fn(name, parameter) -> bool``.
+        lam: strength, a finite number >= 0, at most the largest value of the regularized
+            parameters' dtype (65504 for float16). May be changed later (``rule.lam = ...``): the new
+            value applies from the next backward.
+        params: which parameters: ``None`` (default) for the kernels (weights with at least two
+            dimensions of size > 1, or of torch's Linear, Conv, Embedding, RNN and attention layers)
+            of every layer but normalization layers, biases and per-channel scales excluded; a glob
+            pattern or list of them over the names of ``module.named_parameters()``; or a predicate
+            ``fn(name, parameter) -> bool``.
 
     Returns:
         With ``module``: the same module object, regularized (parameters, ``state_dict`` keys, forward
         and ``isinstance`` unchanged). Without: an ``L1`` rule.
 
     Raises:
-        TypeError: ``module`` is not a module instance (a class: instantiate it), or ``lam`` is no number.
-        ValueError: ``lam`` is negative, NaN or infinite; the selection matches no parameter; or a
-            parameter is regularized already.
+        TypeError: ``module`` is not a module instance (a class: instantiate it; ``None``; a
+            TorchScript module: regularize before scripting), or ``lam`` is no number.
+        ValueError: ``lam`` is negative, NaN, infinite or beyond the parameters' dtype; the selection
+            matches no parameter; or a parameter is regularized already. Nothing is changed then.
 
     Example::
 

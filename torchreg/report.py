@@ -62,7 +62,10 @@ class Summary:
     have ``requires_grad=False``) and ``parameters`` (their qualified names). A weight is what the
     default selection takes (a kernel of a layer that is not a normalization layer, see
     ``torchreg.L1``'s ``params``); it is uncovered when no regularization applied to the module, to
-    one of its submodules or to an enclosing module covers it and no ``None`` rule excluded it.
+    one of its submodules or to an enclosing module covers it, and no ``None`` rule excluded it (a
+    ``None`` rule of a call on an enclosing module shows in the summary of that module, not of its
+    parts). A rule that matched a module but selected other parameters (``params="bias"``) leaves
+    the module's weight uncovered.
     """
 
     columns = ("module", "type", "rule", "regularizer", "parameters", "numel", "penalty", "note")

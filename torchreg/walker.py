@@ -68,7 +68,7 @@ def _compile_value(value: Any, label: str) -> Optional[Regularizer]:
             module = value.func._split_module(value.args, value.keywords)[0]
             if module is not _NO_MODULE:  # calling it would regularize that module now: refuse first
                 raise TypeError(
-                    f"functools.partial(torchreg.{value.func.__name__}, ...) binds the module {describe(module)}, "
+                    f"functools.partial(torchreg.{value.func.__name__}, ...) binds {describe(module)}, "
                     "so calling it would regularize that module rather than make a rule; leave the module "
                     f"out: functools.partial(torchreg.{value.func.__name__}, "
                     f"{', '.join(f'{s}=1e-4' for s in value.func._strengths)})"
