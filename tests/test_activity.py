@@ -670,3 +670,21 @@ def test_ddp_matches_loss_reference_under_ddp(tmp_path: Any) -> None:
         for name, g in grads(single).items():
             torch.testing.assert_close(g, results[0]["view=False"][step][0][name], msg=lambda m: f"{step} {name}: {m}")
         single_opt.step()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing(reentrant: bool) -> None:
+    """Inside ``torch.utils.checkpoint``: the term of each call is added once (reentrant: by the
+    recomputed forward, whose backward is nested in the outer one; non-reentrant: by the original)."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, reference, rec = mixed_pair()
+    torchreg.remove_regularization(model)  # activity only here (the weight engine's checkpointing is
+    torchreg.ActivityL1(model[1], 0.2)     # tested with it)
+    torchreg.ActivityL2(model[4], 0.3)
+    x, y = data((8, 5), 0)
+    x.requires_grad_(reentrant)  # the reentrant variant needs an input that requires grad
+    h = checkpoint(lambda t: model[3](model[2](model[1](model[0](t)))), x, use_reentrant=reentrant)
+    mse(model[4](h), y).backward()
+    (mse(reference(x), y) + rec.take()).backward()
+    assert_same_grads(model, reference)
