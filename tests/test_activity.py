@@ -399,6 +399,17 @@ def test_torch_compile_matches_reference(backend: str, dynamo_reset: None) -> No
         assert_same_grads(model, reference)
         opt.step()
         ref_opt.step()
+    # the factors are read at backward, also for hooks registered by the compiled forward
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    torchreg.configure(model, accumulation_steps=2, grad_scaler=scaler)
+    opt.zero_grad()
+    ref_opt.zero_grad()
+    x, y = data((8, 5), 7)
+    for xi, yi in zip(x.chunk(2), y.chunk(2)):
+        scaler.scale(mse(compiled(xi), yi) / 2).backward()
+    scaler.unscale_(opt)
+    (mse(reference(x), y) + rec.take() + 0.1 / 2 * reference[2].weight.pow(2).sum()).backward()
+    assert_same_grads(model, reference)
 
 
 def test_torch_compile_no_graph_break(dynamo_reset: None) -> None:
