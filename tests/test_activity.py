@@ -699,3 +699,21 @@ def test_activation_checkpointing(reentrant: bool) -> None:
     mse(model[4](h), y).backward()
     (mse(reference(x), y) + rec.take()).backward()
     assert_same_grads(model, reference)
+
+
+def test_leaf_output_is_hooked_through_a_view() -> None:
+    """A module returning its input as is (a leaf that requires grad): the term is added, and no hook
+    is left on the leaf (one would stay there for good, with its record if never reached)."""
+    model = nn.Sequential(nn.Identity(), nn.Linear(5, 3))
+    torchreg.ActivityL2(model[0], 0.4)
+    x = torch.randn(8, 5, requires_grad=True)
+    _ = model(x)  # thrown away
+    out = model(x)
+    assert not x._backward_hooks
+    mse(out, torch.zeros(8, 3)).backward()
+    got = x.grad.clone()
+    x.grad = None
+    reference = bare_copy(model)
+    torchreg.remove_regularization(reference)
+    (mse(reference(x), torch.zeros(8, 3)) + ref_penalty("l2", 0.4, x, 8)).backward()
+    torch.testing.assert_close(got, x.grad)
