@@ -13,7 +13,7 @@ loss or the training loop. The script prints, for each run, the fraction of inac
 The L1 penalty makes the code sparse at a small cost in reconstruction. With matplotlib installed it
 also writes ``--png`` (default ``activity_codes.png``): the codes of 40 test inputs, bare vs L1.
 
-Run: ``python examples/activity.py`` (about 10 s on a laptop CPU); ``--steps 50`` for a quick run.
+Run: ``python examples/activity.py`` (a few seconds on a laptop CPU); ``--steps 300`` for a quick run.
 """
 
 import argparse
@@ -84,8 +84,8 @@ def main() -> None:
     bare = AutoEncoder()
     sparse = copy.deepcopy(bare)  # the same initial weights
     torchreg.ActivityL1(sparse.code, lam=LAM)  # returns sparse.code itself, now regularized
-    print(torchreg.summary(sparse))
-    print()
+    row = torchreg.summary(sparse).records[0]
+    print(f"{row['regularizer']} on {row['module']!r} ({row['type']}): penalty lam * sum|code| / batch\n")
 
     for model in (bare, sparse):
         train(model, train_data, args.steps)

@@ -17,7 +17,7 @@ import pickle
 import socket
 import traceback
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch
