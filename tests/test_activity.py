@@ -717,3 +717,46 @@ def test_leaf_output_is_hooked_through_a_view() -> None:
     torchreg.remove_regularization(reference)
     (mse(reference(x), torch.zeros(8, 3)) + ref_penalty("l2", 0.4, x, 8)).backward()
     torch.testing.assert_close(got, x.grad)
+
+
+def test_backward_inputs_subset() -> None:
+    """``backward(inputs=[...])`` accumulates the terms' gradients into the given leaves only, as the
+    loss reference does."""
+    model, reference, rec = mixed_pair()
+    torchreg.remove_regularization(model)  # activity only (the weight engine's scope rule gives its
+    torchreg.ActivityL1(model[1], 0.2)     # unit's other parameters their terms too)
+    torchreg.ActivityL2(model[4], 0.3)
+    x, y = data((8, 5), 0)
+    chosen, ref_chosen = [model[0].weight, model[2].bias], [reference[0].weight, reference[2].bias]
+    mse(model(x), y).backward(inputs=chosen)
+    (mse(reference(x), y) + rec.take()).backward(inputs=ref_chosen)
+    assert_same_grads(model, reference)
+    assert model[4].weight.grad is None
+
+
+def test_threads_each_call_its_own_term() -> None:
+    """Forward/backward passes from several threads on one activity-regularized model: each call's
+    record and hook are its own, so the accumulated gradient is the sum of the references'."""
+    import threading
+
+    model, reference, rec = mixed_pair()
+    torchreg.remove_regularization(model)
+    torchreg.ActivityL1(model[1], 0.2)
+    torchreg.ActivityL2(model[4], 0.3)
+    batches = [data((8, 5), seed) for seed in range(4)]
+    barrier = threading.Barrier(len(batches))
+
+    def work(x: torch.Tensor, y: torch.Tensor) -> None:
+        barrier.wait()
+        for _ in range(3):
+            mse(model(x), y).backward()
+
+    threads = [threading.Thread(target=work, args=b) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for x, y in batches:
+        for _ in range(3):
+            (mse(reference(x), y) + rec.take()).backward()
+    assert_same_grads(model, reference)
