@@ -134,6 +134,7 @@ def conv() -> nn.Module:
 
 CASES = {  # id: (build, regularized module, input shape, batch dim of the output)
     "linear": (lambda: nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)), lambda m: m[0], (8, 5), 0),
+    "linear-odd-numel": (lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)), lambda m: m[0], (3, 5), 0),
     "conv2d": (conv, lambda m: m[0], (8, 2, 5, 5), 0),
     "lstm-batch_first=False": (lambda: LSTMNet(False), lambda m: m.lstm, (8, 4, 5), 1),
     "lstm-batch_first=True": (lambda: LSTMNet(True), lambda m: m.lstm, (8, 4, 5), 0),
@@ -218,6 +219,20 @@ def test_batch_size_rules() -> None:
     assert batch == 5 and out.shape == (7 + 6 + 4 + 2 + 1, 4)
     with pytest.raises(TypeError, match="returned dict"):
         _activity_engine.pick_output(nn.Linear(1, 1), {"a": torch.ones(1)})
+
+
+def test_l1_sign_record_round_trip() -> None:
+    """ActivityL1 keeps sign(out) in 2 bits per element; the term it gives back is lam/batch*sign."""
+    rule = torchreg.ActivityL1(lam=1.0)
+    for n in [1, 7, 8, 9, 15, 16, 17, 1000]:
+        out = torch.randn(n)
+        out[::3] = 0.0
+        saved = rule._save(out.view(1, n))
+        assert saved.dtype == torch.uint8 and saved.numel() == 2 * -(-n // 8)
+        term = rule._term(torch.zeros(1, n), saved, 0.5, None)
+        torch.testing.assert_close(term, 0.5 * torch.sign(out).view(1, n), rtol=0, atol=0)
+        scaled = rule._term(torch.ones(1, n), saved, 0.5, torch.tensor(4.0))
+        torch.testing.assert_close(scaled, 1 + 2 * torch.sign(out).view(1, n), rtol=0, atol=0)
 
 
 def test_packed_sequence_lstm_matches_reference() -> None:

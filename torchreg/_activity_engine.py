@@ -8,8 +8,8 @@ module in either order.
 
 For each regularized module, a forward hook (:class:`_OutputHook`, kept in the module's own hook dict)
 runs after every call of its forward. When grad mode is on and the output requires grad, it asks the
-rule for the compact record its gradient needs (``rule._save(out)``: the sign as ``int8`` for L1, a
-copy of the values for L2) and registers a tensor hook (:class:`_TermHook`) on that output. At
+rule for the compact record its gradient needs (``rule._save(out)``: the sign in 2 bits per element
+for L1, a copy of the values for L2) and registers a tensor hook (:class:`_TermHook`) on that output. At
 backward, the tensor hook receives the gradient w.r.t. the output *as the forward produced it* (also
 when the output was changed in place afterwards: a tensor hook registered before an in-place op
 receives the gradient of the pre-modification version) and returns it plus the term, so the term flows
@@ -134,7 +134,7 @@ class _OutputHook:
         if rule.is_zero:
             return None
         replaced = None
-        if out is output and out.grad_fn is None:
+        if out is output and out.is_leaf:
             # A leaf returned as is (nn.Identity, Dropout in eval, fed a tensor that requires grad): a hook
             # on it would stay on that tensor for good; return a view of it instead and hook the view.
             out = replaced = out.view_as(out)
