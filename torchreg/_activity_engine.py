@@ -8,8 +8,8 @@ module in either order.
 
 For each regularized module, a forward hook (:class:`_OutputHook`, kept in the module's own hook dict)
 runs after every call of its forward. When grad mode is on and the output requires grad, it asks the
-rule for the compact record its gradient needs (``rule._save(out)``: the sign in 2 bits per element
-for L1, a copy of the values for L2) and registers a tensor hook (:class:`_TermHook`) on that output. At
+rule for the compact record its gradient needs (``rule._save(out)``: the sign as ``int8`` for L1, a
+copy of the values for L2) and registers a tensor hook (:class:`_TermHook`) on that output. At
 backward, the tensor hook receives the gradient w.r.t. the output *as the forward produced it* (also
 when the output was changed in place afterwards: a tensor hook registered before an in-place op
 receives the gradient of the pre-modification version) and returns it plus the term, so the term flows
