@@ -17,7 +17,7 @@ import pickle
 import socket
 import traceback
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch
@@ -134,6 +134,7 @@ def conv() -> nn.Module:
 
 CASES = {  # id: (build, regularized module, input shape, batch dim of the output)
     "linear": (lambda: nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)), lambda m: m[0], (8, 5), 0),
+    "linear-odd-numel": (lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)), lambda m: m[0], (3, 5), 0),
     "conv2d": (conv, lambda m: m[0], (8, 2, 5, 5), 0),
     "lstm-batch_first=False": (lambda: LSTMNet(False), lambda m: m.lstm, (8, 4, 5), 1),
     "lstm-batch_first=True": (lambda: LSTMNet(True), lambda m: m.lstm, (8, 4, 5), 0),
@@ -218,6 +219,20 @@ def test_batch_size_rules() -> None:
     assert batch == 5 and out.shape == (7 + 6 + 4 + 2 + 1, 4)
     with pytest.raises(TypeError, match="returned dict"):
         _activity_engine.pick_output(nn.Linear(1, 1), {"a": torch.ones(1)})
+
+
+def test_l1_sign_record_round_trip() -> None:
+    """ActivityL1 keeps sign(out) as int8; the term it gives back is coef * sign (times the scale)."""
+    rule = torchreg.ActivityL1(lam=1.0)
+    for n in [1, 7, 8, 9, 15, 16, 17, 1000]:
+        out = torch.randn(n)
+        out[::3] = 0.0
+        saved = rule._save(out.view(1, n))
+        assert saved.dtype == torch.int8 and saved.numel() == n
+        term = rule._term(torch.zeros(1, n), saved, 0.5, None)
+        torch.testing.assert_close(term, 0.5 * torch.sign(out).view(1, n), rtol=0, atol=0)
+        scaled = rule._term(torch.ones(1, n), saved, 0.5, torch.tensor(4.0))
+        torch.testing.assert_close(scaled, 1 + 2 * torch.sign(out).view(1, n), rtol=0, atol=0)
 
 
 def test_packed_sequence_lstm_matches_reference() -> None:
@@ -399,6 +414,17 @@ def test_torch_compile_matches_reference(backend: str, dynamo_reset: None) -> No
         assert_same_grads(model, reference)
         opt.step()
         ref_opt.step()
+    # the factors are read at backward, also for hooks registered by the compiled forward
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    torchreg.configure(model, accumulation_steps=2, grad_scaler=scaler)
+    opt.zero_grad()
+    ref_opt.zero_grad()
+    x, y = data((8, 5), 7)
+    for xi, yi in zip(x.chunk(2), y.chunk(2)):
+        scaler.scale(mse(compiled(xi), yi) / 2).backward()
+    scaler.unscale_(opt)
+    (mse(reference(x), y) + rec.take() + 0.1 / 2 * reference[2].weight.pow(2).sum()).backward()
+    assert_same_grads(model, reference)
 
 
 def test_torch_compile_no_graph_break(dynamo_reset: None) -> None:
@@ -670,3 +696,82 @@ def test_ddp_matches_loss_reference_under_ddp(tmp_path: Any) -> None:
         for name, g in grads(single).items():
             torch.testing.assert_close(g, results[0]["view=False"][step][0][name], msg=lambda m: f"{step} {name}: {m}")
         single_opt.step()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing(reentrant: bool) -> None:
+    """Inside ``torch.utils.checkpoint``: the term of each call is added once (reentrant: by the
+    recomputed forward, whose backward is nested in the outer one; non-reentrant: by the original)."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, reference, rec = mixed_pair()
+    torchreg.remove_regularization(model)  # activity only here (the weight engine's checkpointing is
+    torchreg.ActivityL1(model[1], 0.2)     # tested with it)
+    torchreg.ActivityL2(model[4], 0.3)
+    x, y = data((8, 5), 0)
+    x.requires_grad_(reentrant)  # the reentrant variant needs an input that requires grad
+    h = checkpoint(lambda t: model[3](model[2](model[1](model[0](t)))), x, use_reentrant=reentrant)
+    mse(model[4](h), y).backward()
+    (mse(reference(x), y) + rec.take()).backward()
+    assert_same_grads(model, reference)
+
+
+def test_leaf_output_is_hooked_through_a_view() -> None:
+    """A module returning its input as is (a leaf that requires grad): the term is added, and no hook
+    is left on the leaf (one would stay there for good, with its record if never reached)."""
+    model = nn.Sequential(nn.Identity(), nn.Linear(5, 3))
+    torchreg.ActivityL2(model[0], 0.4)
+    x = torch.randn(8, 5, requires_grad=True)
+    _ = model(x)  # thrown away
+    out = model(x)
+    assert not x._backward_hooks
+    mse(out, torch.zeros(8, 3)).backward()
+    got = x.grad.clone()
+    x.grad = None
+    reference = bare_copy(model)
+    torchreg.remove_regularization(reference)
+    (mse(reference(x), torch.zeros(8, 3)) + ref_penalty("l2", 0.4, x, 8)).backward()
+    torch.testing.assert_close(got, x.grad)
+
+
+def test_backward_inputs_subset() -> None:
+    """``backward(inputs=[...])`` accumulates the terms' gradients into the given leaves only, as the
+    loss reference does."""
+    model, reference, rec = mixed_pair()
+    torchreg.remove_regularization(model)  # activity only (the weight engine's scope rule gives its
+    torchreg.ActivityL1(model[1], 0.2)     # unit's other parameters their terms too)
+    torchreg.ActivityL2(model[4], 0.3)
+    x, y = data((8, 5), 0)
+    chosen, ref_chosen = [model[0].weight, model[2].bias], [reference[0].weight, reference[2].bias]
+    mse(model(x), y).backward(inputs=chosen)
+    (mse(reference(x), y) + rec.take()).backward(inputs=ref_chosen)
+    assert_same_grads(model, reference)
+    assert model[4].weight.grad is None
+
+
+def test_threads_each_call_its_own_term() -> None:
+    """Forward/backward passes from several threads on one activity-regularized model: each call's
+    record and hook are its own, so the accumulated gradient is the sum of the references'."""
+    import threading
+
+    model, reference, rec = mixed_pair()
+    torchreg.remove_regularization(model)
+    torchreg.ActivityL1(model[1], 0.2)
+    torchreg.ActivityL2(model[4], 0.3)
+    batches = [data((8, 5), seed) for seed in range(4)]
+    barrier = threading.Barrier(len(batches))
+
+    def work(x: torch.Tensor, y: torch.Tensor) -> None:
+        barrier.wait()
+        for _ in range(3):
+            mse(model(x), y).backward()
+
+    threads = [threading.Thread(target=work, args=b) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for x, y in batches:
+        for _ in range(3):
+            (mse(reference(x), y) + rec.take()).backward()
+    assert_same_grads(model, reference)

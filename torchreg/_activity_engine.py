@@ -124,17 +124,23 @@ class _OutputHook:
         self.unit = unit
         self.index = index
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         if not torch.is_grad_enabled():
-            return
+            return None
         out, batch = pick_output(module, output)
         if out is None or not out.requires_grad or batch == 0:
-            return
+            return None
         rule = self.unit.entries[self.index].rule
         if rule.is_zero:
-            return
+            return None
+        replaced = None
+        if out is output and out.is_leaf:
+            # A leaf returned as is (nn.Identity, Dropout in eval, fed a tensor that requires grad): a hook
+            # on it would stay on that tensor for good; return a view of it instead and hook the view.
+            out = replaced = out.view_as(out)
         hook = _TracedTermHook if torch.compiler.is_compiling() else _TermHook
         out.register_hook(hook(self.unit, rule, rule._save(out), rule.lam / batch))
+        return replaced
 
 
 def hooks_on(module: nn.Module) -> Iterator[_OutputHook]:

@@ -133,6 +133,8 @@ class ActivityL1(_ActivityRegularizer):
         return self.lam * output.abs().sum() / batch
 
     def _save(self, output: Tensor) -> Tensor:
+        # int8: 1 byte per element. A 2-bit record (bit planes of out > 0 and out < 0) keeps 4x less but
+        # cost 10-30x more time to pack and unpack on CPU than this (see notes): not worth it here.
         return torch.sign(output.detach()).to(torch.int8)
 
 

@@ -32,7 +32,9 @@ def configure(model: M, *, accumulation_steps: int = _KEEP, grad_scaler: Any = _
             unscaled reference.
 
     Omitted arguments keep their current value. The settings apply to every regularization already
-    applied in ``model`` (call it after applying them) and take effect from the next backward.
+    applied in ``model`` (call it after applying them), activity regularization (``ActivityL1``,
+    ``ActivityL2``: each call's term times ``1/k`` and the scale) included, and take effect from the
+    next backward.
 
     Raises:
         TypeError: ``model`` is not a module, ``accumulation_steps`` no int, ``grad_scaler`` no GradScaler.
