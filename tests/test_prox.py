@@ -250,7 +250,7 @@ def test_group_lasso_prox_under_adam_solves_its_subproblem() -> None:
         z = torch.randn(40, 6, dtype=dtype) * torch.linspace(0.05, 3, 40, dtype=dtype)[:, None]
         s = torch.rand(40, 6, dtype=dtype) * 2 + 1e-3
         x = z.clone()
-        rule.prox_(x, s)
+        rule.prox_(x, s.clone())  # (prox_ may overwrite a step tensor)
         norms = x.norm(dim=1)
         zero = norms == 0
         assert 0 < zero.sum() < 40
@@ -258,6 +258,11 @@ def test_group_lasso_prox_under_adam_solves_its_subproblem() -> None:
         kkt = (x - z) / s + x / norms.clamp(min=1e-30)[:, None]
         assert kkt[~zero].abs().max() < tol * 10, kkt[~zero].abs().max()
         assert ((z[~zero] / s[~zero]).norm(dim=1) > 1).all()
+        same, closed = z.clone(), z.clone()  # equal steps: the closed form w_g * max(0, 1 - s * lam / ||w_g||)
+        rule.prox_(same, torch.full_like(z, 0.7))
+        rule.prox_(closed, 0.7)
+        torch.testing.assert_close(same, closed, rtol=tol, atol=tol)
+        assert torch.equal(same == 0, closed == 0)
 
 
 # ------------------------------------------------------------------------------------------------
