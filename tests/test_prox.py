@@ -337,12 +337,13 @@ def test_remove_regularization_ends_the_prox() -> None:
     torch.manual_seed(0)
     layer = torchreg.L1(nn.Linear(4, 4), lam=0.3, proximal=True)
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    unit = layer._torchreg_unit  # (kept alive here, as a traceback or a debugger could)
     torchreg.remove_regularization(layer)
     layer(torch.randn(2, 4)).sum().backward()
     expected = layer.weight.detach() - 0.5 * layer.weight.grad
     opt.step()
     assert torch.equal(layer.weight, expected)
-    assert _prox.owner_of(layer.weight) is None
+    assert _prox.owner_of(layer.weight) is None and unit not in _prox._live
 
 
 def test_skipped_grad_scaler_step_applies_no_prox() -> None:

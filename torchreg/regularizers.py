@@ -46,7 +46,8 @@ class Regularizer:
     """Base class of :class:`L1`, :class:`L2` and :class:`ElasticNet`.
 
     A subclass names its strengths in ``_strengths`` and defines :meth:`penalty` and :meth:`grad_`;
-    it needs no hook code: when the gradient is added is the engine's business.
+    it needs no hook code: when the gradient is added is the engine's business. A proximal one also
+    defines :meth:`prox_`; which step it gets after which optimizer is ``torchreg/_prox.py``'s business.
     """
 
     _strengths: tuple = ()
@@ -229,6 +230,13 @@ class L1(_OneStrength):
             :func:`torchreg.apply_regularization` or :meth:`apply`.
         lam: strength, a finite number >= 0. May be changed later (``rule.lam = ...``): the new value
             applies from the next backward.
+        proximal: keyword only. ``False`` (default): add ``lam * sign(w)`` at backward. ``True``: add
+            nothing at backward; after every step of a ``torch.optim`` SGD, Adam or AdamW optimizer
+            holding the weight, soft-threshold it, ``w <- sign(w) * max(|w| - t * lam, 0)``, with the
+            step ``t`` that makes the training's fixed point the exact minimizer of
+            ``loss + penalty`` (lr for SGD, ``lr * (1 - dampening) / (1 - momentum)`` with momentum,
+            ``lr / (1 - momentum)`` for Nesterov, ``lr / (sqrt(v_hat) + eps)`` per coordinate for
+            Adam): weights become exactly zero. Any other optimizer raises at its first step.
         params: which parameters: ``None`` (default) for the weights of every layer but
             normalization layers, biases excluded; a glob pattern or list of them over the names of
             ``module.named_parameters()``; or a predicate ``fn(name, parameter) -> bool``.
@@ -256,7 +264,26 @@ class L1(_OneStrength):
         tensor([1., 1.])
         >>> torchreg.L1(1e-4)   # a rule, for apply_regularization
         L1(lam=0.0001)
+
+    Proximal mode: exact zeros, applied by ``optimizer.step()``::
+
+        >>> layer = torchreg.L1(torch.nn.Linear(2, 1, bias=False), lam=1.0, proximal=True)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[0.3, -2.0]]))
+        >>> opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+        >>> layer(torch.zeros(1, 2)).sum().backward()   # data gradient 0, nothing added
+        >>> opt.step()                                    # then w <- soft(w, lr * lam)
+        >>> layer.weight
+        Parameter containing:
+        tensor([[ 0.0000, -1.5000]], requires_grad=True)
     """
+
+    @overload
+    def __new__(cls, module: M, lam: float, *, proximal: bool = False, params: Selection = None) -> M: ...
+    @overload
+    def __new__(cls, lam: float, *, proximal: bool = False, params: Selection = None) -> "L1": ...
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, lam: float, *, proximal: bool = False, params: Selection = None) -> None:
         super().__init__(lam, params=params)
@@ -332,6 +359,11 @@ class ElasticNet(Regularizer):
         module: the layer (or whole model) to regularize. Omit it to get a rule.
         l1: L1 strength, a finite number >= 0; may be changed later.
         l2: L2 strength, a finite number >= 0; may be changed later.
+        proximal: keyword only; ``True``: nothing at backward, and after each optimizer step
+            ``w <- soft(w, t * l1) / (1 + t * l2)``, the proximal operator of the penalty with the step
+            ``t`` of :class:`L1`'s proximal mode (exact zeros; the fixed point is the minimizer of
+            ``loss + penalty``, as scikit-learn's ``ElasticNet(alpha, l1_ratio)`` with
+            ``l1 = alpha * l1_ratio`` and ``l2 = alpha * (1 - l1_ratio)``).
         params: which parameters; see :class:`L1`.
 
     Returns:
@@ -357,9 +389,9 @@ class ElasticNet(Regularizer):
     l2 = _strength("l2")
 
     @overload
-    def __new__(cls, module: M, l1: float, l2: float, *, params: Selection = None) -> M: ...
+    def __new__(cls, module: M, l1: float, l2: float, *, proximal: bool = False, params: Selection = None) -> M: ...
     @overload
-    def __new__(cls, l1: float, l2: float, *, params: Selection = None) -> "ElasticNet": ...
+    def __new__(cls, l1: float, l2: float, *, proximal: bool = False, params: Selection = None) -> "ElasticNet": ...
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         return super().__new__(cls, *args, **kwargs)
 
