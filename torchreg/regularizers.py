@@ -199,25 +199,25 @@ class _OneStrength(Regularizer):
         self._init_selection(params)
 
 
-def _times(step: Any, c: float, param: Tensor) -> Any:
-    """``step * c``, in place when ``step`` is a tensor of ``param``'s shape (a temporary, see prox_)."""
-    return step.mul_(c) if isinstance(step, Tensor) and step.shape == param.shape else step * c
-
-
-def _soft_threshold_(p: Tensor, tau: Any) -> None:
-    """``p <- sgn(p) * max(|p| - tau, 0)`` in place; ``tau`` a float >= 0 or a tensor of them
-    broadcastable to ``p``. A float threshold on a real tensor is one pass and no temporary."""
-    if not isinstance(tau, Tensor):
+def _soft_threshold_(p: Tensor, step: Any, lam: float) -> None:
+    """``p <- sgn(p) * max(|p| - step * lam, 0)`` in place; ``step`` a float >= 0 or a tensor of them
+    broadcastable to ``p``. A float step on a real tensor is one pass and no temporary; a tensor step
+    four passes and one temporary (``step`` is not changed)."""
+    if not isinstance(step, Tensor):
+        tau = step * lam
         if tau <= 0:
             return
         if not p.is_complex():
             torch._C._nn.softshrink(p, float(tau), out=p)
             return
     if p.is_complex():
+        tau = step * lam
         mag = p.abs()
         p.mul_(torch.where(mag > tau, 1 - tau / mag, 0))
         return
-    torch.copysign(p.abs().sub_(tau).clamp_(min=0), p, out=p)
+    shrunk = p.abs()
+    torch.sub(shrunk, step, alpha=lam, out=shrunk)
+    torch.copysign(shrunk.clamp_(min=0), p, out=p)
 
 
 class L1(_OneStrength):
@@ -295,7 +295,7 @@ class L1(_OneStrength):
     def prox_(self, param: Tensor, step: Any) -> None:
         """``param <- sgn(param) * max(|param| - step * lam, 0)`` (soft thresholding), in place."""
         if self.lam:
-            _soft_threshold_(param, _times(step, self.lam, param))
+            _soft_threshold_(param, step, self.lam)
 
     def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
         if self.lam:
@@ -403,11 +403,10 @@ class ElasticNet(Regularizer):
 
     def prox_(self, param: Tensor, step: Any) -> None:
         """``param <- soft(param, step * l1) / (1 + step * l2)``, in place."""
-        shrink = step * self.l2 + 1 if self.l2 else None
         if self.l1:
-            _soft_threshold_(param, _times(step, self.l1, param))
-        if shrink is not None:
-            param.div_(shrink)
+            _soft_threshold_(param, step, self.l1)
+        if self.l2:
+            param.div_(step * self.l2 + 1)
 
     def penalty(self, param: Tensor) -> Tensor:
         return self.l1 * param.abs().sum() + self.l2 / 2 * sum_of_squares(param)
