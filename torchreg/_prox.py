@@ -220,5 +220,7 @@ def _step_size(optimizer: Any, group: Dict[str, Any], p: Tensor) -> Any:
         correction = (1 - torch.pow(beta2, count)).sqrt()
     else:
         correction = (1 - beta2**count) ** 0.5
-    denom = v.sqrt().div_(correction).add_(group["eps"])  # torch's Adam denominator, the same ops
-    return denom.reciprocal_().mul_(lr)
+    # lr / (sqrt(v) / c + eps) = (lr * c) / (sqrt(v) + eps * c): three passes, one temporary. (A 0-dim
+    # CPU tensor is a scalar to every device's kernels.)
+    step = v.sqrt().add_(group["eps"] * correction)
+    return torch.div(torch.as_tensor(lr * correction, dtype=torch.float64), step, out=step)

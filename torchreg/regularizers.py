@@ -56,7 +56,8 @@ class Regularizer:
     """Base class of :class:`L1`, :class:`L2` and :class:`ElasticNet`.
 
     A subclass names its strengths in ``_strengths`` and defines :meth:`penalty` and :meth:`grad_`;
-    it needs no hook code: when the gradient is added is the engine's business.
+    it needs no hook code: when the gradient is added is the engine's business. A proximal one also
+    defines :meth:`prox_`; which step it gets after which optimizer is ``torchreg/_prox.py``'s business.
     """
 
     _strengths: tuple = ()
@@ -158,7 +159,8 @@ class Regularizer:
         ``argmin_x penalty(x) + sum_i (x_i - param_i) ** 2 / (2 * step_i)``.
 
         ``step`` is a positive float (the same for every element: plain SGD's learning rate) or a
-        tensor of positive steps broadcastable to ``param`` (Adam's per-coordinate ``lr / denom``).
+        tensor of positive steps broadcastable to ``param`` (Adam's per-coordinate ``lr / denom``). A
+        step tensor of ``param``'s shape is a temporary made for this call: it may be overwritten.
         """
         raise NotImplementedError(f"{type(self).__name__} has no proximal operator")
 
@@ -261,20 +263,25 @@ class _OneStrength(Regularizer):
         self._init_selection(params)
 
 
-def _soft_threshold_(p: Tensor, tau: Any) -> None:
-    """``p <- sgn(p) * max(|p| - tau, 0)`` in place; ``tau`` a float >= 0 or a tensor of them
-    broadcastable to ``p``. A float threshold on a real tensor is one pass and no temporary."""
-    if not isinstance(tau, Tensor):
+def _soft_threshold_(p: Tensor, step: Any, lam: float) -> None:
+    """``p <- sgn(p) * max(|p| - step * lam, 0)`` in place; ``step`` a float >= 0 or a tensor of them
+    broadcastable to ``p``. A float step on a real tensor is one pass and no temporary; a tensor step
+    four passes and one temporary (``step`` is not changed)."""
+    if not isinstance(step, Tensor):
+        tau = step * lam
         if tau <= 0:
             return
         if not p.is_complex():
             torch._C._nn.softshrink(p, float(tau), out=p)
             return
     if p.is_complex():
+        tau = step * lam
         mag = p.abs()
         p.mul_(torch.where(mag > tau, 1 - tau / mag, 0))
         return
-    torch.copysign(p.abs().sub_(tau).clamp_(min=0), p, out=p)
+    shrunk = p.abs()
+    torch.sub(shrunk, step, alpha=lam, out=shrunk)
+    torch.copysign(shrunk.clamp_(min=0), p, out=p)
 
 
 class L1(_OneStrength):
@@ -288,6 +295,13 @@ class L1(_OneStrength):
         lam: strength, a finite number >= 0, at most the largest value of the regularized
             parameters' dtype (65504 for float16). May be changed later (``rule.lam = ...``): the new
             value applies from the next backward.
+        proximal: keyword only. ``False`` (default): add ``lam * sign(w)`` at backward. ``True``: add
+            nothing at backward; after every step of a ``torch.optim`` SGD, Adam or AdamW optimizer
+            holding the weight, soft-threshold it, ``w <- sign(w) * max(|w| - t * lam, 0)``, with the
+            step ``t`` that makes the training's fixed point the exact minimizer of
+            ``loss + penalty`` (lr for SGD, ``lr * (1 - dampening) / (1 - momentum)`` with momentum,
+            ``lr / (1 - momentum)`` for Nesterov, ``lr / (sqrt(v_hat) + eps)`` per coordinate for
+            Adam): weights become exactly zero. Any other optimizer raises at its first step.
         params: which parameters: ``None`` (default) for the kernels (weights with at least two
             dimensions of size > 1, or of torch's Linear, Conv, Embedding, RNN and attention layers)
             of every layer but normalization layers, biases and per-channel scales excluded; a glob
@@ -318,7 +332,26 @@ class L1(_OneStrength):
         tensor([1., 1.])
         >>> torchreg.L1(1e-4)   # a rule, for apply_regularization
         L1(lam=0.0001)
+
+    Proximal mode: exact zeros, applied by ``optimizer.step()``::
+
+        >>> layer = torchreg.L1(torch.nn.Linear(2, 1, bias=False), lam=1.0, proximal=True)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[0.3, -2.0]]))
+        >>> opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+        >>> layer(torch.zeros(1, 2)).sum().backward()   # data gradient 0, nothing added
+        >>> opt.step()                                    # then w <- soft(w, lr * lam)
+        >>> layer.weight
+        Parameter containing:
+        tensor([[ 0.0000, -1.5000]], requires_grad=True)
     """
+
+    @overload
+    def __new__(cls, module: M, lam: float, *, proximal: bool = False, params: Selection = None) -> M: ...
+    @overload
+    def __new__(cls, lam: float, *, proximal: bool = False, params: Selection = None) -> "L1": ...
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, lam: float, *, proximal: bool = False, params: Selection = None) -> None:
         super().__init__(lam, params=params)
@@ -330,7 +363,7 @@ class L1(_OneStrength):
     def prox_(self, param: Tensor, step: Any) -> None:
         """``param <- sgn(param) * max(|param| - step * lam, 0)`` (soft thresholding), in place."""
         if self.lam:
-            _soft_threshold_(param, step * self.lam)
+            _soft_threshold_(param, step, self.lam)
 
     def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
         if self.lam:
@@ -394,6 +427,11 @@ class ElasticNet(Regularizer):
         module: the layer (or whole model) to regularize. Omit it to get a rule.
         l1: L1 strength, a finite number >= 0; may be changed later.
         l2: L2 strength, a finite number >= 0; may be changed later.
+        proximal: keyword only; ``True``: nothing at backward, and after each optimizer step
+            ``w <- soft(w, t * l1) / (1 + t * l2)``, the proximal operator of the penalty with the step
+            ``t`` of :class:`L1`'s proximal mode (exact zeros; the fixed point is the minimizer of
+            ``loss + penalty``, as scikit-learn's ``ElasticNet(alpha, l1_ratio)`` with
+            ``l1 = alpha * l1_ratio`` and ``l2 = alpha * (1 - l1_ratio)``).
         params: which parameters; see :class:`L1`.
 
     Returns:
@@ -419,9 +457,9 @@ class ElasticNet(Regularizer):
     l2 = _strength("l2")
 
     @overload
-    def __new__(cls, module: M, l1: float, l2: float, *, params: Selection = None) -> M: ...
+    def __new__(cls, module: M, l1: float, l2: float, *, proximal: bool = False, params: Selection = None) -> M: ...
     @overload
-    def __new__(cls, l1: float, l2: float, *, params: Selection = None) -> "ElasticNet": ...
+    def __new__(cls, l1: float, l2: float, *, proximal: bool = False, params: Selection = None) -> "ElasticNet": ...
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         return super().__new__(cls, *args, **kwargs)
 
@@ -434,7 +472,7 @@ class ElasticNet(Regularizer):
     def prox_(self, param: Tensor, step: Any) -> None:
         """``param <- soft(param, step * l1) / (1 + step * l2)``, in place."""
         if self.l1:
-            _soft_threshold_(param, step * self.l1)
+            _soft_threshold_(param, step, self.l1)
         if self.l2:
             param.div_(step * self.l2 + 1)
 
@@ -552,12 +590,15 @@ class GroupLasso(_OneStrength):
         """``w_g <- w_g * max(0, 1 - step * lam / ||w_g||)`` for a step shared by all elements.
 
         With a step per coordinate ``s_i`` (Adam), the operator ``argmin_x lam * ||x|| +
-        sum_i (x_i - z_i) ** 2 / (2 * s_i)`` of a group ``z`` has no closed form: ``x = 0`` when
-        ``sum_i (z_i / (lam * s_i)) ** 2 <= 1``; otherwise ``x_i = z_i * r / (r + lam * s_i)`` where
-        ``r = ||x|| > 0`` is the root of ``phi(r) = sum_i z_i ** 2 / (r + lam * s_i) ** 2 - 1``. ``phi``
-        is convex and decreasing, so Newton's method started left of the root (at
-        ``||z|| - lam * max_i s_i``) increases monotonically to it; it stops when no group's ``r``
-        moves by more than a few ulps (at most :attr:`max_newton_steps` steps).
+        sum_i (x_i - z_i) ** 2 / (2 * s_i)`` of a group ``z`` has no closed form. With ``a_i = lam * s_i``:
+        ``x = 0`` when ``sum_i (z_i / a_i) ** 2 <= 1``; otherwise ``x_i = z_i * r / (r + a_i)`` where
+        ``r = ||x|| > 0`` solves ``S(r) = sum_i z_i ** 2 / (r + a_i) ** 2 = 1``. ``S(r) ** -0.5`` is a
+        weighted power mean of exponent -2 of the ``r + a_i`` (up to a constant factor), hence concave
+        and increasing in ``r`` (and linear when all ``a_i`` are equal). Newton's method on
+        ``S(r) ** -0.5 = 1`` started left of the root, at ``max(0, ||z|| - max_i a_i)``, therefore
+        increases monotonically to it (in one step for equal ``a_i``, the closed form); it stops when
+        no group's ``r`` moves by more than a few ulps (at most :attr:`max_newton_steps` steps; two
+        to four in practice). Every group is solved at once: a few passes over the tensor per step.
         """
         if not self.lam:
             return
@@ -569,21 +610,24 @@ class GroupLasso(_OneStrength):
             norms = torch.linalg.vector_norm(param, dim=others, keepdim=True)
             param.mul_(norms.reciprocal_().mul_(-t).add_(1).clamp_(min=0))
             return
-        a = torch.broadcast_to(step * self.lam, param.shape)
-        z2 = param.abs().square()
-        keep = (z2 / a.square()).sum(others, keepdim=True) > 1
-        r = (z2.sum(others, keepdim=True).sqrt() - a.amax(others, keepdim=True)).clamp_(min=0)
+        a = step.mul_(self.lam) if step.shape == param.shape else torch.broadcast_to(step * self.lam, param.shape)
+        z2 = param.abs().square_() if param.is_complex() else param.square()
+        inv = a.reciprocal()
+        t = z2 * inv
+        keep = t.mul_(inv).sum(others, keepdim=True) > 1  # S(0) > 1: the group is not zero
+        r = (z2.sum(others, keepdim=True).sqrt_() - a.amax(others, keepdim=True)).clamp_(min=0)
         tol = 16 * torch.finfo(r.dtype).eps
         for _ in range(self.max_newton_steps):
-            inv = (r + a).reciprocal_()
-            w = z2 * inv.square()
-            phi = w.sum(others, keepdim=True) - 1
-            slope = -2 * (w * inv).sum(others, keepdim=True)
-            delta = torch.where(keep & (phi > 0), phi / slope, 0)  # phi <= 0: at the root (rounding)
-            r = r - delta
-            if bool(((-delta) <= tol * r).all()):
+            torch.add(a, r, out=inv).reciprocal_()
+            torch.mul(z2, inv, out=t).mul_(inv)
+            total = t.sum(others, keepdim=True)  # S(r)
+            slope = t.mul_(inv).sum(others, keepdim=True)  # -S'(r) / 2
+            delta = torch.where(keep & (total > 1), (total.pow(1.5) - total) / slope, 0)
+            r = r + delta
+            if bool((delta <= tol * r).all()):
                 break
-        param.mul_(torch.where(keep, r / (r + a), 0))
+        torch.add(a, r, out=inv)
+        param.mul_(torch.div(r, inv, out=inv).mul_(keep))
 
 
 _MODES = ("rows", "columns")
