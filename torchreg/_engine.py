@@ -55,7 +55,8 @@ _current_task = torch._C._current_graph_task_id
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
 _STRIDED = torch.strided
 _will_execute = torch._C._will_engine_execute_node
-_RUN_BACKWARD = torch.autograd.graph._engine_run_backward.__code__  # every backward() goes through it
+# Every backward() goes through _engine_run_backward (torch >= 2.3); before it, torch.autograd.backward.
+_RUN_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", torch.autograd.backward).__code__
 _FUNCTION_BACKWARD = torch.autograd.function.BackwardCFunction.apply.__code__  # a Python node's backward
 _SCALER_STEPS = (torch.amp.GradScaler.step.__code__, torch.amp.GradScaler._maybe_opt_step.__code__)
 
@@ -179,6 +180,8 @@ def _task_info(task: int) -> _Task:
 def _inputs_of(run: Any) -> Any:
     """The ``inputs`` that ``backward()`` passed to ``_engine_run_backward`` (``()`` when none)."""
     local = run.f_locals
+    if "inputs" in local:  # torch.autograd.backward's own frame
+        return local["inputs"] or ()
     args, kwargs = local.get("args", ()), local.get("kwargs", {})
     if not kwargs.get("accumulate_grad", True):
         return ()
