@@ -273,6 +273,18 @@ def test_backward_inputs_adds_to_listed_leaves_only(listed: List[str], use_b: bo
     assert all(params[n].grad is None for n in params if n not in listed)
 
 
+def test_backward_inputs_given_as_gradient_edges() -> None:
+    from torch.autograd.graph import get_gradient_edge
+
+    model = TwoBranch()
+    ref = bare_copy(model)
+    torchreg.apply_regularization(model, {nn.Module: torchreg.ElasticNet(l1=L1, l2=L2, params="*")})
+    x = torch.randn(3, 4)
+    model(x).backward(inputs=[get_gradient_edge(model.a.weight), model.head.bias])
+    (ref(x) + penalty(ref)).backward(inputs=[get_gradient_edge(ref.a.weight), ref.head.bias])
+    assert_same_grads(model, ref)
+
+
 def test_backward_inputs_then_plain_backward() -> None:
     model = TwoBranch()
     ref = bare_copy(model)

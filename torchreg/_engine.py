@@ -19,10 +19,28 @@ It adds each covered parameter's gradient term exactly once per backward pass:
   ``loss + penalty`` would. Under an initialized process group with more than one rank, every term is
   added there, after the gradients are averaged: the same on every rank, whichever parameters each
   rank used.
+* One backward pass of a unit is a *session* (:class:`_Session`), from its first hook to its
+  end-of-backward step. A backward started inside another one's node (``torch.utils.checkpoint`` with
+  ``use_reentrant=True`` runs one in its node's backward; it is its own graph task, on the same thread)
+  is part of the enclosing one: its hooks join the session, and the end-of-backward step runs once, in
+  the outermost backward (queued there from a post-hook on the enclosing node when the nested backward
+  reached the unit first). Nesting is read from the Python stack once per backward
+  (:func:`_task_info`: a ``backward()`` frame beyond the innermost one, or a Python node's backward).
+  ``backward(inputs=...)`` is read there too: the end-of-backward step then adds to the listed
+  parameters only, as autograd accumulates into them only. A second backward through the unit from
+  another thread while a session is open raises (torchreg cannot give each its own terms).
+* The hooks refer to their unit weakly (a tensor's hooks are invisible to Python's garbage collector);
+  the unit lives as long as the module it was applied to, so a dropped model is freed.
+* A parameter that has no hook (frozen or uninitialized when the unit was applied: no hook can be
+  registered on it) gets one at the first forward of the unit's root after it became trainable, from
+  a forward hook that exists only while some parameter waits (:class:`_LazyWatch`).
 * A ``load_state_dict`` post-hook on the unit's root follows parameters that loading replaced by new
   objects (``assign=True``): the hooks move to the new ones. Parameters replaced otherwise
   (``to_empty`` from the meta device, FSDP2's ``fully_shard``) are found at the first optimizer step
-  after install (a global step post-hook), with a warning, and followed from then on.
+  after install (a global step post-hook), with a warning, and followed from then on; so are
+  parameters a reparametrization renamed (``parametrizations.weight.original``), and a warning names
+  those it took out of the model (``weight_norm``). At the first step of an optimizer holding the
+  unit's parameters, a ``GradScaler`` that drives the step but was not declared is warned about.
 * Each term is multiplied by ``1 / accumulation_steps`` and by the grad scaler's current scale (a
   device tensor, never read on the host), as declared with :func:`torchreg.configure`.
 
