@@ -545,9 +545,9 @@ class Unit:
                 "orthogonal, torch.nn.utils.parametrize.register_parametrization) replaced them by computed "
                 "tensors, so they get no regularization and torchreg.penalty() leaves them out. Apply torchreg "
                 "after the reparametrization, to the parameters the optimizer trains: with "
-                "torch.nn.utils.parametrize the original is module.parametrizations.<name>.original (select it "
-                "with params='parametrizations.weight.original'); the old weight_norm trains weight_g and "
-                "weight_v.",
+                "torch.nn.utils.parametrize the originals are module.parametrizations.<name>.original* (select "
+                "them with params='parametrizations.weight.original*'); the old weight_norm trains weight_g "
+                "and weight_v.",
                 UserWarning,
                 stacklevel=5,  # the user's optimizer.step() call
             )
