@@ -566,3 +566,24 @@ def test_pickled_model_loads_in_process() -> None:
     model = small_model()
     copy = pickle.loads(pickle.dumps(model))
     lightning_like_loop(copy, None)
+
+
+# -- CUDA: the hooks run on the device's autograd thread (no Python frames of the caller there) ----------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("units", ["whole", "per-layer"])
+def test_cuda_reentrant_checkpointing_and_inputs(units: str) -> None:
+    model = Stack(SEGMENTS["every"], True).cuda()
+    ref = bare_copy(model)
+    regularize(model, units)
+    x = torch.randn(4, 5, device="cuda", requires_grad=True)
+    model(x).backward()
+    (ref(x) + penalty(ref)).backward()
+    assert_same_grads(model, ref)
+    for m in (model, ref):
+        m.zero_grad()
+    plain = Stack([], True).cuda()  # inputs= (checkpointing does not support it)
+    plain_ref = bare_copy(plain)
+    regularize(plain, units)
+    plain(x).backward(inputs=[plain.layers[1].weight])
+    (plain_ref(x) + penalty(plain_ref)).backward(inputs=[plain_ref.layers[1].weight])
+    assert_same_grads(plain, plain_ref)
