@@ -150,29 +150,36 @@ class _Task:
 
     ``nested``: the pass was started inside another one's node (``torch.utils.checkpoint`` with
     ``use_reentrant=True`` runs ``torch.autograd.backward`` in its node's backward); such a pass is part
-    of the enclosing one. ``node``: that enclosing node when it is a Python ``autograd.Function`` (its
-    post-hook runs in the enclosing pass). ``listed``: ``None``, or for ``backward(inputs=...)`` a test
-    telling whether a parameter is one of the listed inputs."""
+    of the enclosing one. ``enclosed``: the enclosing node is a Python ``autograd.Function`` (``node``,
+    kept only until a post-hook is registered on it: that post-hook runs in the enclosing pass).
+    ``listed``: ``None``, or for ``backward(inputs=...)`` a test telling whether a parameter is one of the
+    listed inputs."""
 
-    __slots__ = ("id", "nested", "node", "listed", "pending")
+    __slots__ = ("id", "nested", "enclosed", "node", "listed", "pending", "__weakref__")
 
     def __init__(self, task: int, nested: bool, node: Any, listed: Optional[Callable[[Tensor], bool]]) -> None:
         self.id = task
         self.nested = nested
+        self.enclosed = node is not None
         self.node = node
         self.listed = listed
         self.pending: List[Tuple["Unit", "_Session"]] = []  # sessions waiting for the enclosing pass
 
 
-_last_task: Tuple[int, Optional[_Task]] = (-1, None)
+#: The last task asked for, with a getter of its info: a strong one for a top-level backward (its info
+#: refers to no tensor or module), a weak one for a nested backward (its info can refer to the enclosing
+#: node and to units: held by the node's post-hook only, so that nothing outlives the graph).
+_last_task: Tuple[int, Callable[[], Optional[_Task]]] = (-1, lambda: None)
 
 
 def _task_info(task: int) -> _Task:
     """The :class:`_Task` of the running graph task ``task`` (cached for the last one asked)."""
     global _last_task
-    cached = _last_task
-    if cached[0] == task and cached[1] is not None:
-        return cached[1]
+    cached_task, get = _last_task
+    if cached_task == task:
+        cached = get()
+        if cached is not None:
+            return cached
     run = None
     nested, node = False, None
     frame = sys._getframe(1)
@@ -191,7 +198,7 @@ def _task_info(task: int) -> _Task:
     if not nested:
         listed = _listed(_inputs_of(run) if run is not None else _inputs_elsewhere())
     info = _Task(task, nested, node, listed)
-    _last_task = (task, info)
+    _last_task = (task, weakref.ref(info) if nested else (lambda: info))
     return info
 
 
@@ -629,11 +636,12 @@ class Unit:
     def _home(self, session: _Session, info: _Task) -> None:
         """Give ``session`` to the backward ``info``, or, when that one is nested in another one's Python
         node, to the enclosing backward, from a post-hook on that node (which runs in it)."""
-        if info.nested and info.node is not None:
+        if info.nested and info.enclosed:
             session.nested.add(info.id)
             info.pending.append((self, session))
-            if len(info.pending) == 1:
+            if info.node is not None:  # the first unit: the node's post-hook holds info (no cycle back)
                 info.node.register_hook(_Adopt(info))
+                info.node = None
         else:  # a top-level backward (or one nested outside any Function: it counts as its own)
             self._own(session, info)
 
