@@ -537,6 +537,21 @@ def test_scaler_warning_waits_for_the_model_s_own_optimizer() -> None:
         lightning_like_loop(model, torch.amp.GradScaler("cpu", init_scale=2.0**8), steps=1)
 
 
+def test_scaler_check_gives_up_on_a_model_never_stepped() -> None:
+    """An EMA copy, never stepped by an optimizer: after SCALER_CHECK_STEPS steps of another optimizer
+    it is no longer looked at (no cost per step for the rest of training)."""
+    from torchreg._engine import StepCounter
+
+    ema = small_model()
+    unit = getattr(ema, "_torchreg_unit")
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    for _ in range(StepCounter.SCALER_CHECK_STEPS - 1):
+        other.step()
+    assert unit in StepCounter.scaler_unchecked
+    other.step()
+    assert unit not in StepCounter.scaler_unchecked
+
+
 # -- unpickled in a fresh process ---------------------------------------------------------------------------
 def test_unpickled_model_in_a_fresh_process_counts_steps(tmp_path) -> None:
     model = small_model()

@@ -102,12 +102,15 @@ class StepCounter:
     """Counts optimizer steps (the accumulation guard). At the first step after a unit is installed it
     checks that the unit's parameters are still the model's (see :meth:`Unit._check_replaced`); at the
     first step of an optimizer holding the unit's parameters, that a grad scaler driving the step was
-    declared (see :meth:`Unit._check_scaler`)."""
+    declared (see :meth:`Unit._check_scaler`; looked for during the first ``SCALER_CHECK_STEPS``
+    optimizer steps after install, so that a copy that is never stepped, an EMA, costs nothing later)."""
 
     count = 0
     registered = False
     unchecked: "weakref.WeakSet[Unit]" = weakref.WeakSet()
-    scaler_unchecked: "weakref.WeakSet[Unit]" = weakref.WeakSet()
+    #: unit -> how many more optimizer steps may come before giving up (a copy never trained, an EMA)
+    scaler_unchecked: "weakref.WeakKeyDictionary[Unit, int]" = weakref.WeakKeyDictionary()
+    SCALER_CHECK_STEPS = 100
 
     @classmethod
     def ensure(cls) -> None:
@@ -125,10 +128,14 @@ class StepCounter:
         if cls.scaler_unchecked:
             stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
             scaler = _driving_scaler()
-            for unit in list(cls.scaler_unchecked):
+            for unit, left in list(cls.scaler_unchecked.items()):
                 if any(id(e.param) in stepped for e in unit.entries):
-                    cls.scaler_unchecked.discard(unit)
+                    del cls.scaler_unchecked[unit]
                     unit._check_scaler(scaler)
+                elif left <= 1:
+                    del cls.scaler_unchecked[unit]
+                else:
+                    cls.scaler_unchecked[unit] = left - 1
 
 
 def _driving_scaler() -> Any:
@@ -437,7 +444,7 @@ class Unit:
         _DistributedSweep.live.add(self)
         StepCounter.ensure()  # unpickled where torchreg was never applied: the guard needs the step hook
         StepCounter.unchecked.add(self)
-        StepCounter.scaler_unchecked.add(self)
+        StepCounter.scaler_unchecked[self] = StepCounter.SCALER_CHECK_STEPS
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "Unit":
         new = Unit.__new__(Unit)
@@ -456,7 +463,7 @@ class Unit:
             setattr(self.root, ATTR, self)
             _DistributedSweep.live.add(self)
             StepCounter.unchecked.add(self)
-            StepCounter.scaler_unchecked.add(self)
+            StepCounter.scaler_unchecked[self] = StepCounter.SCALER_CHECK_STEPS
         except BaseException:
             self.uninstall()
             raise
@@ -464,7 +471,7 @@ class Unit:
     def uninstall(self) -> None:
         _DistributedSweep.live.discard(self)
         StepCounter.unchecked.discard(self)
-        StepCounter.scaler_unchecked.discard(self)
+        StepCounter.scaler_unchecked.pop(self, None)
         for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
