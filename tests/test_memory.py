@@ -131,3 +131,26 @@ def test_build_train_drop_loop_frees_every_model() -> None:
         del model, twin, scaler
     assert_freed(*refs)
     assert units() == before
+
+
+@pytest.mark.parametrize("segments", ["last layer", "middle layer"])
+def test_freed_right_after_a_reentrant_checkpointed_backward(segments: str) -> None:
+    """Nothing of the last backward (its enclosing checkpoint node, whose context holds the checkpointed
+    function) stays referenced by torchreg once it is over: no other backward needed to free the model."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x):
+            for i, layer in enumerate(self.layers):
+                wanted = 2 if segments == "last layer" else 1
+                x = checkpoint(layer, x, use_reentrant=True) if i == wanted else layer(x)
+            return x.sum()
+
+    model = torchreg.apply_regularization(Net(), {nn.Linear: torchreg.L1(1e-3)})
+    model(torch.randn(2, 8, requires_grad=True)).backward()
+    refs = [weakref.ref(model)] + [weakref.ref(p) for p in model.parameters()]
+    del model
+    assert_freed(*refs)

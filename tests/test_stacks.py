@@ -273,6 +273,18 @@ def test_backward_inputs_adds_to_listed_leaves_only(listed: List[str], use_b: bo
     assert all(params[n].grad is None for n in params if n not in listed)
 
 
+def test_backward_inputs_given_as_gradient_edges() -> None:
+    from torch.autograd.graph import get_gradient_edge
+
+    model = TwoBranch()
+    ref = bare_copy(model)
+    torchreg.apply_regularization(model, {nn.Module: torchreg.ElasticNet(l1=L1, l2=L2, params="*")})
+    x = torch.randn(3, 4)
+    model(x).backward(inputs=[get_gradient_edge(model.a.weight), model.head.bias])
+    (ref(x) + penalty(ref)).backward(inputs=[get_gradient_edge(ref.a.weight), ref.head.bias])
+    assert_same_grads(model, ref)
+
+
 def test_backward_inputs_then_plain_backward() -> None:
     model = TwoBranch()
     ref = bare_copy(model)
@@ -525,6 +537,21 @@ def test_scaler_warning_waits_for_the_model_s_own_optimizer() -> None:
         lightning_like_loop(model, torch.amp.GradScaler("cpu", init_scale=2.0**8), steps=1)
 
 
+def test_scaler_check_gives_up_on_a_model_never_stepped() -> None:
+    """An EMA copy, never stepped by an optimizer: after SCALER_CHECK_STEPS steps of another optimizer
+    it is no longer looked at (no cost per step for the rest of training)."""
+    from torchreg._engine import StepCounter
+
+    ema = small_model()
+    unit = getattr(ema, "_torchreg_unit")
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    for _ in range(StepCounter.SCALER_CHECK_STEPS - 1):
+        other.step()
+    assert unit in StepCounter.scaler_unchecked
+    other.step()
+    assert unit not in StepCounter.scaler_unchecked
+
+
 # -- unpickled in a fresh process ---------------------------------------------------------------------------
 def test_unpickled_model_in_a_fresh_process_counts_steps(tmp_path) -> None:
     model = small_model()
@@ -554,3 +581,24 @@ def test_pickled_model_loads_in_process() -> None:
     model = small_model()
     copy = pickle.loads(pickle.dumps(model))
     lightning_like_loop(copy, None)
+
+
+# -- CUDA: the hooks run on the device's autograd thread (no Python frames of the caller there) ----------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("units", ["whole", "per-layer"])
+def test_cuda_reentrant_checkpointing_and_inputs(units: str) -> None:
+    model = Stack(SEGMENTS["every"], True).cuda()
+    ref = bare_copy(model)
+    regularize(model, units)
+    x = torch.randn(4, 5, device="cuda", requires_grad=True)
+    model(x).backward()
+    (ref(x) + penalty(ref)).backward()
+    assert_same_grads(model, ref)
+    for m in (model, ref):
+        m.zero_grad()
+    plain = Stack([], True).cuda()  # inputs= (checkpointing does not support it)
+    plain_ref = bare_copy(plain)
+    regularize(plain, units)
+    plain(x).backward(inputs=[plain.layers[1].weight])
+    (plain_ref(x) + penalty(plain_ref)).backward(inputs=[plain_ref.layers[1].weight])
+    assert_same_grads(plain, plain_ref)

@@ -19,10 +19,28 @@ It adds each covered parameter's gradient term exactly once per backward pass:
   ``loss + penalty`` would. Under an initialized process group with more than one rank, every term is
   added there, after the gradients are averaged: the same on every rank, whichever parameters each
   rank used.
+* One backward pass of a unit is a *session* (:class:`_Session`), from its first hook to its
+  end-of-backward step. A backward started inside another one's node (``torch.utils.checkpoint`` with
+  ``use_reentrant=True`` runs one in its node's backward; it is its own graph task, on the same thread)
+  is part of the enclosing one: its hooks join the session, and the end-of-backward step runs once, in
+  the outermost backward (queued there from a post-hook on the enclosing node when the nested backward
+  reached the unit first). Nesting is read from the Python stack once per backward
+  (:func:`_task_info`: a ``backward()`` frame beyond the innermost one, or a Python node's backward).
+  ``backward(inputs=...)`` is read there too: the end-of-backward step then adds to the listed
+  parameters only, as autograd accumulates into them only. A second backward through the unit from
+  another thread while a session is open raises (torchreg cannot give each its own terms).
+* The hooks refer to their unit weakly (a tensor's hooks are invisible to Python's garbage collector);
+  the unit lives as long as the module it was applied to, so a dropped model is freed.
+* A parameter that has no hook (frozen or uninitialized when the unit was applied: no hook can be
+  registered on it) gets one at the first forward of the unit's root after it became trainable, from
+  a forward hook that exists only while some parameter waits (:class:`_LazyWatch`).
 * A ``load_state_dict`` post-hook on the unit's root follows parameters that loading replaced by new
   objects (``assign=True``): the hooks move to the new ones. Parameters replaced otherwise
   (``to_empty`` from the meta device, FSDP2's ``fully_shard``) are found at the first optimizer step
-  after install (a global step post-hook), with a warning, and followed from then on.
+  after install (a global step post-hook), with a warning, and followed from then on; so are
+  parameters a reparametrization renamed (``parametrizations.weight.original``), and a warning names
+  those it took out of the model (``weight_norm``). At the first step of an optimizer holding the
+  unit's parameters, a ``GradScaler`` that drives the step but was not declared is warned about.
 * Each term is multiplied by ``1 / accumulation_steps`` and by the grad scaler's current scale (a
   device tensor, never read on the host), as declared with :func:`torchreg.configure`.
 
@@ -56,7 +74,8 @@ _current_task = torch._C._current_graph_task_id
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
 _STRIDED = torch.strided
 _will_execute = torch._C._will_engine_execute_node
-_RUN_BACKWARD = torch.autograd.graph._engine_run_backward.__code__  # every backward() goes through it
+# Every backward() goes through _engine_run_backward (torch >= 2.3); before it, torch.autograd.backward.
+_RUN_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", torch.autograd.backward).__code__
 _FUNCTION_BACKWARD = torch.autograd.function.BackwardCFunction.apply.__code__  # a Python node's backward
 _SCALER_STEPS = (torch.amp.GradScaler.step.__code__, torch.amp.GradScaler._maybe_opt_step.__code__)
 
@@ -84,12 +103,15 @@ class StepCounter:
     """Counts optimizer steps (the accumulation guard). At the first step after a unit is installed it
     checks that the unit's parameters are still the model's (see :meth:`Unit._check_replaced`); at the
     first step of an optimizer holding the unit's parameters, that a grad scaler driving the step was
-    declared (see :meth:`Unit._check_scaler`)."""
+    declared (see :meth:`Unit._check_scaler`; looked for during the first ``SCALER_CHECK_STEPS``
+    optimizer steps after install, so that a copy that is never stepped, an EMA, costs nothing later)."""
 
     count = 0
     registered = False
     unchecked: "weakref.WeakSet[Unit]" = weakref.WeakSet()
-    scaler_unchecked: "weakref.WeakSet[Unit]" = weakref.WeakSet()
+    #: unit -> how many more optimizer steps may come before giving up (a copy never trained, an EMA)
+    scaler_unchecked: "weakref.WeakKeyDictionary[Unit, int]" = weakref.WeakKeyDictionary()
+    SCALER_CHECK_STEPS = 100
 
     @classmethod
     def ensure(cls) -> None:
@@ -107,10 +129,14 @@ class StepCounter:
         if cls.scaler_unchecked:
             stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
             scaler = _driving_scaler()
-            for unit in list(cls.scaler_unchecked):
+            for unit, left in list(cls.scaler_unchecked.items()):
                 if any(id(e.param) in stepped for e in unit.entries):
-                    cls.scaler_unchecked.discard(unit)
+                    del cls.scaler_unchecked[unit]
                     unit._check_scaler(scaler)
+                elif left <= 1:
+                    del cls.scaler_unchecked[unit]
+                else:
+                    cls.scaler_unchecked[unit] = left - 1
 
 
 def _driving_scaler() -> Any:
@@ -132,29 +158,36 @@ class _Task:
 
     ``nested``: the pass was started inside another one's node (``torch.utils.checkpoint`` with
     ``use_reentrant=True`` runs ``torch.autograd.backward`` in its node's backward); such a pass is part
-    of the enclosing one. ``node``: that enclosing node when it is a Python ``autograd.Function`` (its
-    post-hook runs in the enclosing pass). ``listed``: ``None``, or for ``backward(inputs=...)`` a test
-    telling whether a parameter is one of the listed inputs."""
+    of the enclosing one. ``enclosed``: the enclosing node is a Python ``autograd.Function`` (``node``,
+    kept only until a post-hook is registered on it: that post-hook runs in the enclosing pass).
+    ``listed``: ``None``, or for ``backward(inputs=...)`` a test telling whether a parameter is one of the
+    listed inputs."""
 
-    __slots__ = ("id", "nested", "node", "listed", "pending")
+    __slots__ = ("id", "nested", "enclosed", "node", "listed", "pending", "__weakref__")
 
     def __init__(self, task: int, nested: bool, node: Any, listed: Optional[Callable[[Tensor], bool]]) -> None:
         self.id = task
         self.nested = nested
+        self.enclosed = node is not None
         self.node = node
         self.listed = listed
         self.pending: List[Tuple["Unit", "_Session"]] = []  # sessions waiting for the enclosing pass
 
 
-_last_task: Tuple[int, Optional[_Task]] = (-1, None)
+#: The last task asked for, with a getter of its info: a strong one for a top-level backward (its info
+#: refers to no tensor or module), a weak one for a nested backward (its info can refer to the enclosing
+#: node and to units: held by the node's post-hook only, so that nothing outlives the graph).
+_last_task: Tuple[int, Callable[[], Optional[_Task]]] = (-1, lambda: None)
 
 
 def _task_info(task: int) -> _Task:
     """The :class:`_Task` of the running graph task ``task`` (cached for the last one asked)."""
     global _last_task
-    cached = _last_task
-    if cached[0] == task and cached[1] is not None:
-        return cached[1]
+    cached_task, get = _last_task
+    if cached_task == task:
+        cached = get()
+        if cached is not None:
+            return cached
     run = None
     nested, node = False, None
     frame = sys._getframe(1)
@@ -173,13 +206,15 @@ def _task_info(task: int) -> _Task:
     if not nested:
         listed = _listed(_inputs_of(run) if run is not None else _inputs_elsewhere())
     info = _Task(task, nested, node, listed)
-    _last_task = (task, info)
+    _last_task = (task, weakref.ref(info) if nested else (lambda: info))
     return info
 
 
 def _inputs_of(run: Any) -> Any:
     """The ``inputs`` that ``backward()`` passed to ``_engine_run_backward`` (``()`` when none)."""
     local = run.f_locals
+    if "inputs" in local:  # torch.autograd.backward's own frame
+        return local["inputs"] or ()
     args, kwargs = local.get("args", ()), local.get("kwargs", {})
     if not kwargs.get("accumulate_grad", True):
         return ()
@@ -381,6 +416,8 @@ class Unit:
     # -- state that is not copied or pickled ------------------------------------------------------
     def _init_transient(self) -> None:
         self._handles: Dict[int, Any] = {}
+        # entries that take a backward hook; a proximal rule acts after the optimizer step (_prox.py)
+        self._hooked = sum(not e.rule.proximal for e in self.entries)
         self._lock = threading.Lock()
         self._task = -1  # graph task whose hooks ran last (the hooks' test for "a new backward")
         self._session: Callable[[], Optional[_Session]] = _no_session  # weak: see _Session
@@ -410,7 +447,7 @@ class Unit:
         _DistributedSweep.live.add(self)
         StepCounter.ensure()  # unpickled where torchreg was never applied: the guard needs the step hook
         StepCounter.unchecked.add(self)
-        StepCounter.scaler_unchecked.add(self)
+        StepCounter.scaler_unchecked[self] = StepCounter.SCALER_CHECK_STEPS
         _prox.track(self)  # [i12 proximal]
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "Unit":
@@ -430,7 +467,7 @@ class Unit:
             setattr(self.root, ATTR, self)
             _DistributedSweep.live.add(self)
             StepCounter.unchecked.add(self)
-            StepCounter.scaler_unchecked.add(self)
+            StepCounter.scaler_unchecked[self] = StepCounter.SCALER_CHECK_STEPS
             _prox.track(self)  # [i12 proximal]
         except BaseException:
             self.uninstall()
@@ -439,7 +476,7 @@ class Unit:
     def uninstall(self) -> None:
         _DistributedSweep.live.discard(self)
         StepCounter.unchecked.discard(self)
-        StepCounter.scaler_unchecked.discard(self)
+        StepCounter.scaler_unchecked.pop(self, None)
         _prox.untrack(self)  # [i12 proximal]
         for handle in self._handles.values():
             handle.remove()
@@ -457,7 +494,7 @@ class Unit:
         """Register the hook of each covered parameter that is initialized and trainable; keep a forward
         hook on the root (:class:`_LazyWatch`) while some parameter has none."""
         self._hook_ready()
-        waiting = len(self._handles) < len(self.entries)
+        waiting = len(self._handles) < self._hooked
         if waiting and self._lazy_handle is None:
             self._lazy_handle = self.root.register_forward_hook(_LazyWatch(self))
         elif not waiting and self._lazy_handle is not None:
@@ -528,9 +565,9 @@ class Unit:
                 "orthogonal, torch.nn.utils.parametrize.register_parametrization) replaced them by computed "
                 "tensors, so they get no regularization and torchreg.penalty() leaves them out. Apply torchreg "
                 "after the reparametrization, to the parameters the optimizer trains: with "
-                "torch.nn.utils.parametrize the original is module.parametrizations.<name>.original (select it "
-                "with params='parametrizations.weight.original'); the old weight_norm trains weight_g and "
-                "weight_v.",
+                "torch.nn.utils.parametrize the originals are module.parametrizations.<name>.original* (select "
+                "them with params='parametrizations.weight.original*'); the old weight_norm trains weight_g "
+                "and weight_v.",
                 UserWarning,
                 stacklevel=5,  # the user's optimizer.step() call
             )
@@ -538,7 +575,7 @@ class Unit:
     def _check_scaler(self, scaler: Any) -> None:
         """At the first optimizer step over the unit's parameters: a grad scaler that drives the step
         (``scaler.step(optimizer)``) but was not declared makes every term 1/scale of what it should be."""
-        if scaler is not None and self.grad_scaler is not scaler:
+        if scaler is not None and self.grad_scaler is not scaler and self._hooked:  # (proximal only: no term)
             warnings.warn(
                 f"torchreg: the regularized parameters of {type(self.root).__name__} are stepped by a "
                 "torch.amp.GradScaler (scaler.step(optimizer)) that was not declared to torchreg, so the "
@@ -612,11 +649,12 @@ class Unit:
     def _home(self, session: _Session, info: _Task) -> None:
         """Give ``session`` to the backward ``info``, or, when that one is nested in another one's Python
         node, to the enclosing backward, from a post-hook on that node (which runs in it)."""
-        if info.nested and info.node is not None:
+        if info.nested and info.enclosed:
             session.nested.add(info.id)
             info.pending.append((self, session))
-            if len(info.pending) == 1:
+            if info.node is not None:  # the first unit: the node's post-hook holds info (no cycle back)
                 info.node.register_hook(_Adopt(info))
+                info.node = None
         else:  # a top-level backward (or one nested outside any Function: it counts as its own)
             self._own(session, info)
 
@@ -669,7 +707,7 @@ class Unit:
             if self._session() is not session:  # (cannot happen: a session ends here only)
                 return
             listed = session.listed  # backward(inputs=...): the terms go to the listed parameters only
-            if self._deferred or len(self._seen) < len(self.entries):
+            if self._deferred or len(self._seen) < self._hooked:
                 self._register_ready()  # parameters unfrozen since the last backward
                 for i, entry in enumerate(self.entries):
                     p = entry.param
