@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional
 
@@ -653,3 +654,26 @@ def test_sparsity_counts_exact_zeros_and_groups() -> None:
     with pytest.raises(TypeError):
         torchreg.sparsity("model")
 
+
+
+def test_proximal_only_unit_keeps_no_watcher_and_needs_no_scaler():
+    """A proximal rule adds nothing at backward: no forward watcher waits for hooks it will never
+    take, and an undeclared GradScaler (which only scales backward terms) is not warned about."""
+    layer = torchreg.L1(nn.Linear(4, 4), 0.1, proximal=True)
+    unit = layer.__dict__["_torchreg_unit"]
+    assert unit._lazy_handle is None and not layer._forward_hooks
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            opt.zero_grad()
+            scaler.scale(layer(torch.randn(2, 4)).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+    mixed = torchreg.apply_regularization(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)),
+                                          {"0": torchreg.L1(0.1, proximal=True), nn.Linear: torchreg.L2(0.1)})
+    opt = torch.optim.SGD(mixed.parameters(), lr=0.1)
+    scaler.scale(mixed(torch.randn(2, 4)).sum()).backward()
+    with pytest.warns(UserWarning, match="GradScaler"):  # the L2 term does need the scale
+        scaler.step(opt)
