@@ -26,10 +26,7 @@ def rule(match: Dict[str, Any], regularizer: Any) -> Dict[str, Any]:
 
 
 # -- the data form of each regularizer (canonical: as rules_to_config writes it) -----------------
-# (data, the Python rule it stands for). At merge add e.g.:
-#   ({"type": "GroupLasso", "lam": 0.01, "dim": 1, "proximal": True}, lambda: torchreg.GroupLasso(0.01, dim=1, proximal=True)),
-#   ({"type": "L1", "lam": 0.001, "proximal": True}, lambda: torchreg.L1(0.001, proximal=True)),
-#   ({"type": "ActivityL1", "lam": 0.0001}, lambda: torchreg.ActivityL1(lam=0.0001)),
+# (data, the Python rule it stands for)
 REGULARIZERS = [
     pytest.param({"type": "L1", "lam": 0.0001}, lambda: torchreg.L1(1e-4), id="L1"),
     pytest.param({"type": "L1", "lam": 0.0, "params": ["*"]}, lambda: torchreg.L1(0.0, params="*"), id="L1-zero-all"),
@@ -41,6 +38,14 @@ REGULARIZERS = [
                  lambda: torchreg.Orthogonal(0.01, mode="columns"), id="Orthogonal-columns"),
     pytest.param({"type": "Orthogonal", "lam": 0.5, "mode": "rows", "params": ["weight"]},
                  lambda: torchreg.Orthogonal(0.5, params="weight"), id="Orthogonal-rows-params"),
+    pytest.param({"type": "GroupLasso", "lam": 0.01, "dim": 1, "proximal": True},
+                 lambda: torchreg.GroupLasso(0.01, dim=1, proximal=True), id="GroupLasso"),
+    pytest.param({"type": "L1", "lam": 0.001, "proximal": True},
+                 lambda: torchreg.L1(0.001, proximal=True), id="L1-proximal"),
+    pytest.param({"type": "ElasticNet", "l1": 0.001, "l2": 0.01, "proximal": True},
+                 lambda: torchreg.ElasticNet(0.001, 0.01, proximal=True), id="ElasticNet-proximal"),
+    pytest.param({"type": "ActivityL1", "lam": 0.0001}, lambda: torchreg.ActivityL1(lam=0.0001), id="ActivityL1"),
+    pytest.param({"type": "ActivityL2", "lam": 0.0001}, lambda: torchreg.ActivityL2(lam=0.0001), id="ActivityL2"),
 ]
 
 # (data, the Python key it stands for)
@@ -190,6 +195,10 @@ def l1(**options: Any) -> Dict[str, Any]:
 GOOD = rule({"type": "Linear"}, l1(lam=0.1))
 
 BAD_DATA = [
+    ([rule({"type": "Linear"}, {"type": "GroupLasso", "lam": 0.1, "dim": "0"})], None, TypeError,
+     "rules[0].regularizer.dim: "),
+    ([rule({"type": "Linear"}, l1(lam=0.1, proximal="yes"))], None, TypeError, "rules[0].regularizer.proximal: "),
+    ([rule({"type": "ReLU"}, {"type": "ActivityL1", "lam": -1})], None, ValueError, "rules[0].regularizer.lam: "),
     ({"rules": [GOOD]}, None, TypeError, "rules: expected a list"),
     ("Linear", None, TypeError, "rules: expected a list"),
     (["Linear"], None, TypeError, "rules[0]: expected a mapping"),

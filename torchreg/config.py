@@ -37,14 +37,17 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
-from .regularizers import ElasticNet, L1, L2, Orthogonal
+from .activity import ActivityL1, ActivityL2
+from .regularizers import ElasticNet, GroupLasso, L1, L2, Orthogonal
 from .walker import RuleKey, RuleValue, _compile_value, _key_label
 
 __all__ = ["rules_from_config", "rules_to_config"]
 
 #: The regularizers a config can name, by class name. Each is built as ``cls(**options)`` and written
 #: back from ``rule._kwargs()`` (its constructor arguments), so a new class needs one entry here.
-_REGULARIZERS: Dict[str, type] = {cls.__name__: cls for cls in (ElasticNet, L1, L2, Orthogonal)}
+_REGULARIZERS: Dict[str, type] = {
+    cls.__name__: cls for cls in (ActivityL1, ActivityL2, ElasticNet, GroupLasso, L1, L2, Orthogonal)
+}
 
 _RULE_KEYS = ("match", "regularizer")
 _MATCH_KEYS = ("type", "name")
