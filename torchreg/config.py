@@ -18,9 +18,11 @@ The schema is a list of rules, in order (the first matching rule wins, as in the
   module names. A type name is a class of ``torch.nn`` (``"Linear"``, ``"Module"``) or a class passed
   in ``types=``; nothing is ever imported from a dotted path.
 * ``regularizer`` is ``null`` (exclude the module and its submodules) or a mapping with ``type``, the
-  name of a torchreg regularizer (``"L1"``, ``"L2"``, ``"ElasticNet"``, ``"Orthogonal"``), and that
-  class's constructor arguments by name: its strengths (``lam``; ``l1`` and ``l2``) and options
-  (``params``: a glob pattern or a list of them; ``mode`` for ``Orthogonal``).
+  name of a torchreg regularizer (``"L1"``, ``"L2"``, ``"ElasticNet"``, ``"GroupLasso"``,
+  ``"Orthogonal"``, ``"ActivityL1"``, ``"ActivityL2"``), and that class's constructor arguments by
+  name: its strengths (``lam``; ``l1`` and ``l2``) and options (``params``: a glob pattern or a list
+  of them; ``proximal`` for ``L1``, ``ElasticNet`` and ``GroupLasso``; ``dim`` for ``GroupLasso``;
+  ``mode`` for ``Orthogonal``).
 
 Every unknown key, unknown name or bad value raises ``TypeError`` (wrong type) or ``ValueError`` (bad
 value) with its path in the data first: ``rules[2].regularizer.lam: ...``. Nothing is evaluated,
