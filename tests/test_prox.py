@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import gc
 import weakref
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import pytest
