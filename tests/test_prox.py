@@ -523,6 +523,22 @@ def test_deepcopy_keeps_the_prox_on_the_copy() -> None:
     assert not (layer.weight == 0).all()
 
 
+def test_load_state_dict_assign_and_pickle_follow_the_new_parameters() -> None:
+    import io
+
+    layer = torchreg.L1(nn.Linear(4, 4), lam=10.0, proximal=True)
+    layer.load_state_dict({k: v.clone() + 1 for k, v in layer.state_dict().items()}, assign=True)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for net in (layer, loaded):
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)  # holds the new parameter objects
+        net(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        assert (net.weight == 0).all() and not (net.bias == 0).any()
+
+
 @pytest.mark.parametrize("build, match, error", [
     (lambda: torchreg.GroupLasso(nn.Linear(3, 3), 0.1, params="*"), r"'bias' has shape \(3,\)", ValueError),
     (lambda: torchreg.GroupLasso(nn.Linear(3, 3), 0.1, dim=2), "dim 2", ValueError),
