@@ -14,7 +14,7 @@ import copy
 import gc
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import pytest
@@ -522,6 +522,22 @@ def test_deepcopy_keeps_the_prox_on_the_copy() -> None:
     opt.step()
     assert (twin.weight == 0).all()
     assert not (layer.weight == 0).all()
+
+
+def test_load_state_dict_assign_and_pickle_follow_the_new_parameters() -> None:
+    import io
+
+    layer = torchreg.L1(nn.Linear(4, 4), lam=10.0, proximal=True)
+    layer.load_state_dict({k: v.clone() + 1 for k, v in layer.state_dict().items()}, assign=True)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for net in (layer, loaded):
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)  # holds the new parameter objects
+        net(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        assert (net.weight == 0).all() and not (net.bias == 0).any()
 
 
 @pytest.mark.parametrize("build, match, error", [

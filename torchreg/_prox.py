@@ -223,4 +223,7 @@ def _step_size(optimizer: Any, group: Dict[str, Any], p: Tensor) -> Any:
     # lr / (sqrt(v) / c + eps) = (lr * c) / (sqrt(v) + eps * c): three passes, one temporary. (A 0-dim
     # CPU tensor is a scalar to every device's kernels.)
     step = v.sqrt().add_(group["eps"] * correction)
-    return torch.div(torch.as_tensor(lr * correction, dtype=torch.float64), step, out=step)
+    scale = lr * correction
+    if not isinstance(scale, Tensor):
+        scale = torch.tensor(scale, dtype=torch.float64)
+    return torch.div(scale, step, out=step)
