@@ -129,7 +129,9 @@ def test_gpt2_conv1d_bf16(tmp_path):
     names = {name for name, p in ours.named_parameters() if torchreg._engine.owner_of(p) is not None}
     assert names == {"transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
                      "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}
-    assert_same_params(ours, reference, rtol=1e-3, atol=1e-3)
+    # bf16 rounds activations computed from float32 weights that differ in the last bits (the penalty
+    # gradient summed in another order), and AdamW normalizes those differences: 2e-5 after 4 steps.
+    assert_same_params(ours, reference, rtol=1e-4, atol=1e-4)
 
 
 def test_fp16_on_cpu(tmp_path):
@@ -137,7 +139,7 @@ def test_fp16_on_cpu(tmp_path):
     trainer, ours = train(Regression, regression_data, False, tmp_path, "sgd", fp16=True, num_train_epochs=1)
     assert trainer.accelerator.mixed_precision == "fp16" and torchreg.hf._scaler_of(trainer) is None
     _, reference = train(Regression, regression_data, True, tmp_path, "sgd", fp16=True, num_train_epochs=1)
-    assert_same_params(ours, reference, rtol=1e-3, atol=1e-3)
+    assert_same_params(ours, reference)
 
 
 def test_gpt2_fp32_exact(tmp_path):

@@ -127,7 +127,7 @@ def test_accumulation_scheduler_is_redeclared():
 
 def test_bf16_mixed_on_cpu():
     _, ours, reference = run_pair(precision="bf16-mixed", extra_callbacks=no_callbacks)
-    assert_same_params(ours, reference, rtol=1e-3, atol=1e-3)
+    assert_same_params(ours, reference)
 
 
 def test_fp16_mixed_declares_the_precision_plugins_scaler():
@@ -140,7 +140,7 @@ def test_fp16_mixed_declares_the_precision_plugins_scaler():
     scaler = trainer.precision_plugin.scaler
     assert isinstance(scaler, torch.amp.GradScaler) and scaler.get_scale() > 1
     assert [u.grad_scaler for u in torchreg._engine.units_in(ours)] == [scaler]
-    assert_same_params(ours, reference, rtol=1e-3, atol=1e-3)
+    assert_same_params(ours, reference)
 
 
 def test_pytorch_lightning_package():
