@@ -192,3 +192,27 @@ def test_ddp_two_cpu_processes(strategy):
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "DDP OK" in proc.stdout
+
+
+def test_pytorch_lightning_only_and_neither():
+    """With ``lightning`` not importable the callback subclasses pytorch_lightning's; with neither (nor
+    transformers), importing the integration modules names what to install."""
+    pytest.importorskip("pytorch_lightning")
+    code = """
+import sys
+sys.modules["lightning"] = sys.modules["lightning.pytorch"] = None      # as if not installed
+import pytorch_lightning, torchreg.lightning
+assert issubclass(torchreg.lightning.Regularization, pytorch_lightning.Callback)
+del sys.modules["torchreg.lightning"]
+sys.modules["pytorch_lightning"] = sys.modules["transformers"] = None
+for module in ("torchreg.lightning", "torchreg.hf"):
+    try:
+        __import__(module)
+    except ImportError as error:
+        print(error)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torchreg.lightning needs Lightning: python3 -m pip install lightning" in out.stdout, out.stdout
+    assert "torchreg.hf needs transformers: python3 -m pip install transformers accelerate" in out.stdout, out.stdout
