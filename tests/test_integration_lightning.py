@@ -187,9 +187,13 @@ def test_import_torchreg_does_not_import_integrations():
 def test_ddp_two_cpu_processes(strategy):
     """Lightning's own DDP launch with 2 gloo processes (about 10 s for ddp, 50 s for ddp_spawn, which
     starts and imports fresh interpreters for each fit); the script compares in rank 0."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "lightning_ddp_check.py"), strategy],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    for _ in range(3):  # gloo's exit-time abort, see GLOO_EXIT_ABORT in test_examples_loops.py: retried
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "lightning_ddp_check.py"), strategy],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT, env={**env, "PYTHONPATH": ROOT})
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "DDP OK" in proc.stdout
 
