@@ -122,14 +122,17 @@ def test_accumulation_and_clipping_match_penalty_in_loss(tmp_path, optimizer):
 
 def test_gpt2_conv1d_bf16(tmp_path):
     """GPT-2's Conv1D and tied lm_head, bf16 autocast on CPU, loss normalized by token count."""
-    trainer, ours = train(gpt2_model, gpt2_data, False, tmp_path, bf16=True)
+    trainer, ours = train(gpt2_model, gpt2_data, False, tmp_path, "sgd", bf16=True)
     assert trainer.model_accepts_loss_kwargs
     assert trainer.accelerator.mixed_precision == "bf16"
-    _, reference = train(gpt2_model, gpt2_data, True, tmp_path, bf16=True)
+    _, reference = train(gpt2_model, gpt2_data, True, tmp_path, "sgd", bf16=True)
     names = {name for name, p in ours.named_parameters() if torchreg._engine.owner_of(p) is not None}
     assert names == {"transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
                      "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}
-    assert_same_params(ours, reference, rtol=1e-3, atol=1e-3)
+    # SGD: with AdamW the last-bit differences (the penalty gradient summed in another order) that
+    # bf16 rounding amplifies are normalized by Adam's second moment on near-zero gradients, which
+    # moves one bias by 1.3e-4 after 4 steps; SGD keeps them at 4e-9.
+    assert_same_params(ours, reference)
 
 
 def test_fp16_on_cpu(tmp_path):
@@ -137,7 +140,7 @@ def test_fp16_on_cpu(tmp_path):
     trainer, ours = train(Regression, regression_data, False, tmp_path, "sgd", fp16=True, num_train_epochs=1)
     assert trainer.accelerator.mixed_precision == "fp16" and torchreg.hf._scaler_of(trainer) is None
     _, reference = train(Regression, regression_data, True, tmp_path, "sgd", fp16=True, num_train_epochs=1)
-    assert_same_params(ours, reference, rtol=1e-3, atol=1e-3)
+    assert_same_params(ours, reference)
 
 
 def test_gpt2_fp32_exact(tmp_path):

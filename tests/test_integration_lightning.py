@@ -127,7 +127,7 @@ def test_accumulation_scheduler_is_redeclared():
 
 def test_bf16_mixed_on_cpu():
     _, ours, reference = run_pair(precision="bf16-mixed", extra_callbacks=no_callbacks)
-    assert_same_params(ours, reference, rtol=1e-3, atol=1e-3)
+    assert_same_params(ours, reference)
 
 
 def test_fp16_mixed_declares_the_precision_plugins_scaler():
@@ -140,7 +140,7 @@ def test_fp16_mixed_declares_the_precision_plugins_scaler():
     scaler = trainer.precision_plugin.scaler
     assert isinstance(scaler, torch.amp.GradScaler) and scaler.get_scale() > 1
     assert [u.grad_scaler for u in torchreg._engine.units_in(ours)] == [scaler]
-    assert_same_params(ours, reference, rtol=1e-3, atol=1e-3)
+    assert_same_params(ours, reference)
 
 
 def test_pytorch_lightning_package():
@@ -187,8 +187,36 @@ def test_import_torchreg_does_not_import_integrations():
 def test_ddp_two_cpu_processes(strategy):
     """Lightning's own DDP launch with 2 gloo processes (about 10 s for ddp, 50 s for ddp_spawn, which
     starts and imports fresh interpreters for each fit); the script compares in rank 0."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "lightning_ddp_check.py"), strategy],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    for _ in range(3):  # gloo's exit-time abort, see GLOO_EXIT_ABORT in test_examples_loops.py: retried
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "lightning_ddp_check.py"), strategy],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT, env={**env, "PYTHONPATH": ROOT})
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "DDP OK" in proc.stdout
+
+
+def test_pytorch_lightning_only_and_neither():
+    """With ``lightning`` not importable the callback subclasses pytorch_lightning's; with neither (nor
+    transformers), importing the integration modules names what to install."""
+    pytest.importorskip("pytorch_lightning")
+    code = """
+import sys
+sys.modules["lightning"] = sys.modules["lightning.pytorch"] = None      # as if not installed
+import pytorch_lightning, torchreg.lightning
+assert issubclass(torchreg.lightning.Regularization, pytorch_lightning.Callback)
+del sys.modules["torchreg.lightning"]
+sys.modules["pytorch_lightning"] = sys.modules["transformers"] = None
+for module in ("torchreg.lightning", "torchreg.hf"):
+    try:
+        __import__(module)
+    except ImportError as error:
+        print(error)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torchreg.lightning needs Lightning: python3 -m pip install lightning" in out.stdout, out.stdout
+    assert "torchreg.hf needs transformers: python3 -m pip install transformers accelerate" in out.stdout, out.stdout
