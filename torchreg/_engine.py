@@ -302,7 +302,7 @@ def owner_of(p: Tensor) -> Optional["Unit"]:
         unit = ref() if isinstance(ref, weakref.ref) else None
         if isinstance(unit, Unit):
             return unit
-    return _prox.owner_of(p)  # [i12] a proximal entry carries no hook
+    return _prox.owner_of(p)  # a proximal entry carries no hook
 
 
 def _make_hook(unit: "Unit", index: int) -> Callable[[Tensor], None]:
@@ -448,7 +448,7 @@ class Unit:
         StepCounter.ensure()  # unpickled where torchreg was never applied: the guard needs the step hook
         StepCounter.unchecked.add(self)
         StepCounter.scaler_unchecked[self] = StepCounter.SCALER_CHECK_STEPS
-        _prox.track(self)  # [i12 proximal]
+        _prox.track(self)
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "Unit":
         new = Unit.__new__(Unit)
@@ -468,7 +468,7 @@ class Unit:
             _DistributedSweep.live.add(self)
             StepCounter.unchecked.add(self)
             StepCounter.scaler_unchecked[self] = StepCounter.SCALER_CHECK_STEPS
-            _prox.track(self)  # [i12 proximal]
+            _prox.track(self)
         except BaseException:
             self.uninstall()
             raise
@@ -477,7 +477,7 @@ class Unit:
         _DistributedSweep.live.discard(self)
         StepCounter.unchecked.discard(self)
         StepCounter.scaler_unchecked.pop(self, None)
-        _prox.untrack(self)  # [i12 proximal]
+        _prox.untrack(self)
         for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
@@ -504,7 +504,7 @@ class Unit:
     def _hook_ready(self) -> None:
         for i, entry in enumerate(self.entries):
             p = entry.param
-            if i not in self._handles and p.requires_grad and not _is_lazy(p) and not entry.rule.proximal:  # [i12]
+            if i not in self._handles and p.requires_grad and not _is_lazy(p) and not entry.rule.proximal:
                 self._handles[i] = p.register_post_accumulate_grad_hook(_make_hook(self, i))
 
     def _replaced(self) -> List[Tuple[int, Entry, nn.Parameter]]:
@@ -723,7 +723,7 @@ class Unit:
             self._adders = self._none  # (drops the references to a grad scaler's scale)
 
     def _add(self, entry: Entry, p: Tensor) -> None:
-        if entry.rule.proximal:  # [i12 proximal] nothing at backward: _prox.py applies it after the step
+        if entry.rule.proximal:  # nothing at backward: _prox.py applies it after the step
             return
         g = p.grad
         if g is None or g.layout != torch.strided:
@@ -799,7 +799,7 @@ def attach(root: nn.Module, entries: Iterable[Entry], skipped: Sequence[Skipped]
         if not _is_lazy(e.param) and not (e.param.is_floating_point() or e.param.is_complex()):
             raise TypeError(f"parameter {e.name!r} has dtype {e.param.dtype}; only floating and complex "
                             "parameters can be regularized")
-        e.rule._check_param(e.name, e.param)  # [i12] e.g. GroupLasso's dim against the parameter's shape
+        e.rule._check_param(e.name, e.param)  # e.g. GroupLasso's dim against the parameter's shape
     Unit(root, entries, skipped).install()
     return root
 

@@ -57,7 +57,7 @@ def configure(model: M, *, accumulation_steps: int = _KEEP, grad_scaler: Any = _
             f"grad_scaler must be a torch.amp.GradScaler or None, got {grad_scaler!r} "
             f"({type(grad_scaler).__name__})"
         )
-    units = list(_engine.units_in(model)) + list(_activity_engine.activity_units_in(model))  # activity: i13
+    units = list(_engine.units_in(model)) + list(_activity_engine.activity_units_in(model))
     if not units:
         enclosing = next((u for u in map(_engine.owner_of, model.parameters()) if u is not None), None)
         if enclosing is not None:

@@ -164,11 +164,11 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
     skipped: List[_engine.Skipped] = []
     excluded: List[str] = []
     taken: Dict[int, str] = {}
-    activity: List[_activity_engine.ActivityEntry] = []  # activity rules (i13): a stream of their own
+    activity: List[_activity_engine.ActivityEntry] = []  # activity rules: a stream of their own
     for path, module in model.named_modules():
         if any(_inside(path, prefix) for prefix in excluded):
             continue
-        # Weight rules and activity rules are matched independently (i13): the module gets the first
+        # Weight rules and activity rules are matched independently: the module gets the first
         # matching rule of each kind; a None rule counts for both kinds.
         matched = [i for i, rule in enumerate(compiled) if rule.matches(path, module)]
         act = next((i for i in matched if _is_activity(compiled[i])), None)
@@ -260,10 +260,10 @@ def remove_regularization(module: M) -> M:
         tensor(0.)
     """
     check_module(module, "remove_regularization")
-    units: List[Any] = list(_engine.units_in(module)) + list(_activity_engine.activity_units_in(module))  # (i13)
+    units: List[Any] = list(_engine.units_in(module)) + list(_activity_engine.activity_units_in(module))  #
     if not units:
         enclosing = next((u for u in map(_engine.owner_of, module.parameters()) if u is not None), None)
-        if enclosing is None:  # an activity regularization applied by a call on an enclosing module (i13)
+        if enclosing is None:  # an activity regularization applied by a call on an enclosing module
             enclosing = next((h.unit for m in module.modules() for h in _activity_engine.hooks_on(m)), None)
         where = (f"; its parameters are regularized by a call on an enclosing {type(enclosing.root).__name__}:"
                  " remove it there" if enclosing is not None else "")
