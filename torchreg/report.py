@@ -49,6 +49,15 @@ def penalty(module: nn.Module) -> Tensor:
     return torch.zeros(()) if total is None else total
 
 
+def _table(columns: Sequence[str], rows: List[List[str]]) -> List[str]:
+    """The lines of a plain-text table: ``columns`` as its header, a rule of dashes, then ``rows``."""
+    rows = [list(columns)] + rows
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 class Summary:
     """What :func:`summary` returns: ``str()`` is a table, :attr:`records` the same as dicts, and
     :attr:`uncovered` the weights no regularization covers.
@@ -88,10 +97,7 @@ class Summary:
                 return f"{value:.4g}"
             return str(value) if value != "" else "-"
 
-        rows = [[c for c in self.columns]] + [[cell(r, c) for c in self.columns] for r in self.records]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(self.columns))]
-        lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = _table(self.columns, [[cell(r, c) for c in self.columns] for r in self.records])
         total = sum(r["penalty"] for r in self.records if r["penalty"] is not None)
         numel = sum(r["numel"] for r in self.records)
         lines.append(f"total: {numel} regularized elements, penalty {total:.4g}")
@@ -231,12 +237,8 @@ class Sparsity:
                 return f"{value} ({record['zero_group_fraction']:.1%})"
             return str(value)
 
-        records = self.records + [self.total]
-        rows = [list(self.columns)] + [[cell(r, c) for c in self.columns] for r in records]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(self.columns))]
-        lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.insert(len(lines) - 1, lines[1])
+        lines = _table(self.columns, [[cell(r, c) for c in self.columns] for r in self.records + [self.total]])
+        lines.insert(len(lines) - 1, lines[1])  # a rule above the total
         return "\n".join(lines)
 
     __repr__ = __str__
