@@ -775,3 +775,16 @@ def test_threads_each_call_its_own_term() -> None:
         for _ in range(3):
             (mse(reference(x), y) + rec.take()).backward()
     assert_same_grads(model, reference)
+
+
+def test_summary_total_line_counts_activity_regularizations() -> None:
+    """The summary's total line says how many activity regularizations there are, not "0 elements" alone."""
+    only = torchreg.ActivityL1(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), lam=0.1)
+    lines = str(torchreg.summary(only)).splitlines()
+    assert lines[-2] == "total: 0 regularized elements, penalty 0; 1 activity regularization (not in the penalty)"
+    both = torchreg.apply_regularization(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.ReLU()),
+                                         {nn.ReLU: torchreg.ActivityL2(lam=0.1), nn.Linear: torchreg.L2(0.1)})
+    assert "16 regularized elements" in str(torchreg.summary(both))
+    assert "; 2 activity regularizations (not in the penalty)" in str(torchreg.summary(both))
+    weights = torchreg.L2(nn.Linear(4, 4), 0.1)
+    assert "activity" not in str(torchreg.summary(weights))
