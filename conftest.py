@@ -8,7 +8,7 @@ def _missing(*packages):
 
 
 collect_ignore = []
-if _missing("lightning", "pytorch_lightning"):
+if _missing("lightning"):  # its doctest uses lightning.pytorch
     collect_ignore.append("torchreg/lightning.py")
 if _missing("transformers"):
     collect_ignore.append("torchreg/hf.py")
