@@ -215,7 +215,6 @@ def test_callback_keeps_no_trainer_alive(tmp_path):
     trainer, model = train(Regression, regression_data, False, tmp_path, num_train_epochs=1)
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, torchreg.hf.RegularizationCallback))
     weight, trainer_ref = weakref.ref(model.net[0].weight), weakref.ref(trainer)
-    torchreg.remove_regularization(model)          # torchreg's hooks: see the Lightning twin of this test
     del trainer, model
     gc.collect()
     assert weight() is None and trainer_ref() is None and callback._trainer() is None
