@@ -99,6 +99,8 @@ RULES = [
     {nn.MultiheadAttention: torchreg.L2(lam=1.0, params="*"), nn.Linear: functools.partial(torchreg.L1, lam=1.0)},
     {nn.LayerNorm: torchreg.L2(lam=1.0, params="*"), "embed": torchreg.L2(lam=1.0)},
     {nn.Conv2d: torchreg.L2(lam=1.0), (nn.BatchNorm2d, nn.GroupNorm): torchreg.L1(lam=1.0, params="bias")},
+    # an activity rule first: it selects no parameter, and the weight rule after it still applies
+    {nn.Module: torchreg.ActivityL1(lam=1.0), (nn.Linear, nn.Conv2d): torchreg.L2(lam=1.0)},
 ]
 
 

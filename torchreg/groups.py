@@ -24,28 +24,14 @@ Block = Tuple[Union[nn.Module, Iterable[nn.Parameter]], Mapping[str, Any]]
 def _decayed_by_rules(model: nn.Module, rules: Mapping[Any, Any]) -> List[nn.Parameter]:
     """The parameters ``apply_regularization(model, rules)`` would regularize, in walk order.
 
-    The same walk as :func:`torchreg.apply_regularization` (first matching rule wins, ``None``
+    The walk of :func:`torchreg.apply_regularization` itself (first matching weight rule wins, ``None``
     excludes a module with its submodules, each matched module contributes the parameters its
-    rule's selection picks among those it owns directly, a tied parameter counts once), without
-    attaching anything.
+    rule's selection picks among those it owns directly, a tied parameter counts once; activity rules
+    select no parameter), without attaching anything.
     """
-    from .walker import _compile_rules, _inside  # the walker's own rule parsing and scoping
+    from .walker import _compile_rules, _plan  # the walker's own rule parsing and walk
 
-    compiled = _compile_rules(rules)
-    excluded: List[str] = []
-    chosen: Dict[int, nn.Parameter] = {}
-    for path, module in model.named_modules():
-        if any(_inside(path, prefix) for prefix in excluded):
-            continue
-        rule = next((r for r in compiled if r.matches(path, module)), None)
-        if rule is None:
-            continue
-        if rule.regularizer is None:
-            excluded.append(path)
-            continue
-        for _, p in select(module, rule.regularizer.params, recurse=False):
-            chosen.setdefault(id(p), p)
-    return list(chosen.values())
+    return [entry.param for entry in _plan(model, _compile_rules(rules)).entries]
 
 
 def _block_params(block: Any, index: int) -> Tuple[List[nn.Parameter], Dict[str, Any]]:

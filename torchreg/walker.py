@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from torch import nn
 
@@ -157,6 +157,50 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
     """
     check_hookable(model, "apply_regularization")
     compiled = _compile_rules(rules)
+    entries, skipped, activity, hits, selected, tied = _plan(model, compiled)
+    problems = [f"rule {r.label} matched no module" for r, n in zip(compiled, hits) if n == 0] + [
+        f"rule {r.label} matched {n} module(s) but selected no parameter of them"
+        if not shared else
+        f"rule {r.label} matched {n} module(s) but every parameter it selected is tied to one regularized "
+        f"under a module walked earlier ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}), "
+        "so it regularizes nothing"
+        for r, n, k, shared in zip(compiled, hits, selected, tied)
+        if n and not k and r.regularizer is not None
+    ]
+    if problems:
+        message = f"apply_regularization on {type(model).__name__}: " + "; ".join(problems)
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
+    for entry in entries:
+        entry.rule._check_fits([(entry.name, entry.param)])
+    if activity:
+        _activity_engine.check_free(model, activity)  # raise before the weight unit is attached
+    if entries or skipped:
+        _engine.attach(model, entries, skipped)
+    if activity:
+        _activity_engine.attach(model, activity)
+    for rule in compiled:
+        if rule.regularizer is not None:
+            rule.regularizer._applied_to([e.param for e in entries if e.rule is rule.regularizer])
+    return model
+
+
+class _Plan(NamedTuple):
+    """What :func:`apply_regularization` would do with its rules, before anything is changed."""
+
+    entries: List[_engine.Entry]  # covered parameters, in walk order, a tied one once
+    skipped: List[_engine.Skipped]
+    activity: List[_activity_engine.ActivityEntry]
+    hits: List[int]  # modules each rule matched
+    selected: List[int]  # parameters newly covered by each rule
+    tied: List[List[str]]  # per rule: selected, but covered already under another module
+
+
+def _plan(model: nn.Module, compiled: List[_Rule]) -> _Plan:
+    """Walk ``model`` with the compiled rules: the first matching rule of each kind (weights, activity)
+    wins, ``None`` excludes a module with its submodules, a matched module contributes what its rule
+    selects among the parameters it owns directly, a tied parameter is covered once."""
     hits = [0] * len(compiled)
     selected = [0] * len(compiled)  # parameters newly covered by each rule
     tied: List[List[str]] = [[] for _ in compiled]  # selected, but covered already under another module
@@ -200,32 +244,7 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
             taken[id(p)] = name
             selected[index] += 1
             entries.append(_engine.Entry(name, p, rule.regularizer, f"rule {rule.label}"))
-    problems = [f"rule {r.label} matched no module" for r, n in zip(compiled, hits) if n == 0] + [
-        f"rule {r.label} matched {n} module(s) but selected no parameter of them"
-        if not shared else
-        f"rule {r.label} matched {n} module(s) but every parameter it selected is tied to one regularized "
-        f"under a module walked earlier ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}), "
-        "so it regularizes nothing"
-        for r, n, k, shared in zip(compiled, hits, selected, tied)
-        if n and not k and r.regularizer is not None
-    ]
-    if problems:
-        message = f"apply_regularization on {type(model).__name__}: " + "; ".join(problems)
-        if strict:
-            raise ValueError(message)
-        warnings.warn(message, UserWarning, stacklevel=2)
-    for entry in entries:
-        entry.rule._check_fits([(entry.name, entry.param)])
-    if activity:
-        _activity_engine.check_free(model, activity)  # raise before the weight unit is attached
-    if entries or skipped:
-        _engine.attach(model, entries, skipped)
-    if activity:
-        _activity_engine.attach(model, activity)
-    for rule in compiled:
-        if rule.regularizer is not None:
-            rule.regularizer._applied_to([e.param for e in entries if e.rule is rule.regularizer])
-    return model
+    return _Plan(entries, skipped, activity, hits, selected, tied)
 
 
 def _is_activity(rule: _Rule) -> bool:
