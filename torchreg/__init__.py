@@ -1,8 +1,11 @@
-"""torchreg: Keras-style L1, L2 and Elastic-Net regularization of PyTorch layers, by gradient hooks.
+"""torchreg: Keras-style regularization of PyTorch layers, by gradient hooks.
 
 The regularization gradient (``lam * sign(w)`` for L1, ``lam * w`` for L2, as ``torch.optim``'s
 ``weight_decay``) is added to ``w.grad`` during backward; the loss and the training loop stay as
-they are.
+they are. Also: Elastic-Net, group lasso and orthogonality penalties, proximal (exactly sparse) L1,
+Elastic-Net and group lasso applied after each optimizer step, penalties on a layer's outputs
+(``ActivityL1``, ``ActivityL2``), rules as plain data, and optimizer parameter groups from the same
+selection. Integrations: ``torchreg.lightning``, ``torchreg.hf`` (imported only when asked for).
 
 >>> import torch, torchreg
 >>> net = torch.nn.Sequential(torchreg.L1(torch.nn.Linear(8, 8), lam=1e-4), torch.nn.ReLU(),

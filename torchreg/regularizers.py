@@ -53,7 +53,8 @@ _SMALLEST_MAX = _FLOAT16_MAX
 
 
 class Regularizer:
-    """Base class of :class:`L1`, :class:`L2` and :class:`ElasticNet`.
+    """Base class of torchreg's regularizers: :class:`L1`, :class:`L2`, :class:`ElasticNet`,
+    :class:`GroupLasso`, :class:`Orthogonal`, and the activity regularizers of ``torchreg.activity``.
 
     A subclass names its strengths in ``_strengths`` and defines :meth:`penalty` and :meth:`grad_`;
     it needs no hook code: when the gradient is added is the engine's business. A proximal one also
@@ -64,7 +65,8 @@ class Regularizer:
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         if cls is Regularizer:
-            raise TypeError("Regularizer is a base class; use torchreg.L1, torchreg.L2 or torchreg.ElasticNet")
+            raise TypeError("Regularizer is a base class; use torchreg.L1, L2, ElasticNet, GroupLasso, Orthogonal, "
+                            "ActivityL1 or ActivityL2")
         module, args, kwargs = cls._split_module(args, kwargs)
         if module is _NO_MODULE:
             return super().__new__(cls)
