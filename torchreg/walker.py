@@ -279,7 +279,7 @@ def remove_regularization(module: M) -> M:
         tensor(0.)
     """
     check_module(module, "remove_regularization")
-    units: List[Any] = list(_engine.units_in(module)) + list(_activity_engine.activity_units_in(module))  #
+    units: List[Any] = list(_engine.units_in(module)) + list(_activity_engine.activity_units_in(module))
     if not units:
         enclosing = next((u for u in map(_engine.owner_of, module.parameters()) if u is not None), None)
         if enclosing is None:  # an activity regularization applied by a call on an enclosing module
