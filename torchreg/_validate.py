@@ -30,9 +30,6 @@ def describe(value: Any) -> str:
     return f"{text} ({type(value).__name__})"
 
 
-_describe = describe
-
-
 def check_module(value: Any, what: str) -> nn.Module:
     """Return ``value`` if it is an ``nn.Module`` instance; raise ``TypeError`` otherwise."""
     if isinstance(value, nn.Module):
@@ -42,7 +39,7 @@ def check_module(value: Any, what: str) -> nn.Module:
             f"{what} expects an nn.Module instance, got the class {value.__module__}."
             f"{value.__qualname__}; instantiate it, e.g. {value.__name__}(...)"
         )
-    raise TypeError(f"{what} expects an nn.Module instance, got {_describe(value)}")
+    raise TypeError(f"{what} expects an nn.Module instance, got {describe(value)}")
 
 
 def check_hookable(value: Any, what: str) -> nn.Module:
@@ -71,11 +68,11 @@ def check_strength(value: Any, name: str) -> float:
                                 f"{value!r}")
             value = value.item()  # a 0-dim / one-element tensor is accepted as its value
         else:
-            raise TypeError(f"{name} must be a real number >= 0, got {_describe(value)}")
+            raise TypeError(f"{name} must be a real number >= 0, got {describe(value)}")
     try:
         number = float(value)
     except OverflowError:
-        raise ValueError(f"{name} must be a finite real number >= 0, got {_describe(value)}, beyond the largest "
+        raise ValueError(f"{name} must be a finite real number >= 0, got {describe(value)}, beyond the largest "
                          f"float ({torch.finfo(torch.float64).max!r})") from None
     if math.isnan(number) or math.isinf(number) or number < 0:
         raise ValueError(f"{name} must be a finite real number >= 0, got {number!r}")
@@ -92,7 +89,7 @@ def largest(dtype: torch.dtype) -> float:
 def check_positive_int(value: Any, name: str) -> int:
     """Return ``value`` if it is an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= 1, got {_describe(value)}")
+        raise TypeError(f"{name} must be an int >= 1, got {describe(value)}")
     if value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return int(value)
