@@ -133,7 +133,7 @@ def param_groups(
                         f"{blocks!r} ({type(blocks).__name__})")
     decayed_ids = {id(p) for p in decayed}
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
-    trainable = [p for p in dict((id(p), p) for p in model.parameters()).values() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # (each shared parameter once)
 
     owner: Dict[int, int] = {}
     parsed = []
