@@ -37,11 +37,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["ATTR", "ActivityEntry", "ActivityUnit", "activity_units_in", "attach", "check_free", "hooks_on",
+__all__ = ["ATTR", "NOTE", "ActivityEntry", "ActivityUnit", "activity_units_in", "attach", "check_free", "hooks_on",
            "summary_records"]
 
 #: The attribute set on the module an activity regularization call was applied to.
 ATTR = "_torchreg_activity"
+
+#: The summary note of a module whose outputs are regularized (how ``report.Summary`` tells its rows).
+NOTE = "activity: each call's output; not in penalty()"
 
 
 class ActivityEntry(NamedTuple):
@@ -247,6 +250,6 @@ def summary_records(module: nn.Module) -> List[Dict[str, Any]]:
             records.append(dict(
                 module=".".join(p for p in (base, entry.name) if p), type=type(entry.module).__name__,
                 rule=entry.origin or "-", regularizer=repr(entry.rule), parameters=[], numel=0, penalty=None,
-                note="activity: each call's output; not in penalty()",
+                note=NOTE,
             ))
     return records

@@ -100,7 +100,7 @@ class Summary:
         lines = _table(self.columns, [[cell(r, c) for c in self.columns] for r in self.records])
         total = sum(r["penalty"] for r in self.records if r["penalty"] is not None)
         numel = sum(r["numel"] for r in self.records)
-        activity = sum(r["note"].startswith("activity") for r in self.records)
+        activity = sum(r["note"] == _activity_engine.NOTE for r in self.records)
         also = f"; {activity} activity regularization{'s' if activity != 1 else ''} (not in the penalty)" if activity else ""
         lines.append(f"total: {numel} regularized elements, penalty {total:.4g}{also}")
         for group in self.uncovered:
