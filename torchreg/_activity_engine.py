@@ -99,11 +99,14 @@ class _TermHook:
 
     def __call__(self, grad: Tensor) -> Optional[Tensor]:
         saved, self.saved = self.saved, None  # the first backward that reaches the output adds the term
+        return None if saved is None else self._plus_term(grad, saved)
+
+    def _plus_term(self, grad: Tensor, saved: Tensor) -> Optional[Tensor]:
+        """``grad`` plus the term of the output recorded as ``saved`` (None once the unit is removed)."""
         unit = self.unit
-        if saved is None or not unit.installed:
+        if not unit.installed:
             return None
-        scale = unit._scale_for(grad.device)
-        return self.rule._term(grad, saved, self.coef / unit.accumulation_steps, scale)
+        return self.rule._term(grad, saved, self.coef / unit.accumulation_steps, unit._scale_for(grad.device))
 
 
 class _TracedTermHook(_TermHook):
@@ -114,10 +117,7 @@ class _TracedTermHook(_TermHook):
     __slots__ = ()
 
     def __call__(self, grad: Tensor) -> Optional[Tensor]:
-        unit = self.unit
-        if not unit.installed:
-            return None
-        return self.rule._term(grad, self.saved, self.coef / unit.accumulation_steps, unit._scale_for(grad.device))
+        return self._plus_term(grad, self.saved)
 
 
 class _OutputHook:
