@@ -14,7 +14,6 @@ import datetime
 import gc
 import os
 import pickle
-import socket
 import traceback
 import weakref
 from typing import Any, Callable, Dict, List, Tuple
@@ -669,15 +668,9 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_ddp_matches_loss_reference_under_ddp(tmp_path: Any) -> None:
-    import torch.multiprocessing as mp
+    from test_training_loops import spawn_ranks
 
-    if not torch.distributed.is_available():  # pragma: no cover
-        pytest.skip("torch.distributed is not available")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = spawn_ranks(_ddp_worker, tmp_path, WORLD)
     for rank, result in enumerate(results):
         assert "error" not in result, f"rank {rank}:\n{result['error']}"
     # single process on the whole batch: DDP averages each rank's loss-like term as it averages the loss

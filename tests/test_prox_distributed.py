@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import torchreg
-from test_training_loops import WORLD, _free_port, _full, _fully_shard
+from test_training_loops import WORLD, _full, _fully_shard, spawn_ranks
 
 STEPS = 4
 ROWS = 8  # per rank and step
@@ -132,13 +132,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> List[Dict[str, Any]]:
-    import torch.multiprocessing as mp
-
-    if not torch.distributed.is_available():  # pragma: no cover
-        pytest.skip("torch.distributed is not available")
-    out = tmp_path_factory.mktemp("prox_ddp")
-    mp.spawn(worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(worker, tmp_path_factory.mktemp("prox_ddp"))
 
 
 def reference(case: Case) -> List[Dict[str, torch.Tensor]]:

@@ -702,16 +702,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> List[Dict[str, Any]]:
-    """Spawn 2 processes once; each runs every DDP case and saves its grads and params per step."""
+def spawn_ranks(worker: Any, out: Any, world: int = WORLD) -> List[Any]:
+    """Run ``worker(rank, port, out_dir)`` in ``world`` processes (gloo on a free local port) and return
+    what each saved to ``out / f"rank{rank}.pt"``, in rank order; skips where torch.distributed is absent."""
     import torch.multiprocessing as mp
 
     if not torch.distributed.is_available():  # pragma: no cover
         pytest.skip("torch.distributed is not available")
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_ddp_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    mp.spawn(worker, args=(_free_port(), str(out)), nprocs=world, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> List[Dict[str, Any]]:
+    """Spawn 2 processes once; each runs every DDP case and saves its grads and params per step."""
+    return spawn_ranks(_ddp_worker, tmp_path_factory.mktemp("ddp"))
 
 
 def _single_process_reference(case: DDPCase) -> List[Tuple[Dict[str, Any], Dict[str, torch.Tensor]]]:
