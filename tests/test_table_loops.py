@@ -1,0 +1,78 @@
+"""Every row of the regularizer table inside the training loops users write, against the reference.
+
+The reference (``regularizer_table.Reference``) is a bare copy of the model trained with the row's
+penalty added to the loss (or, for after-step rows, its operator applied by hand after a plain step):
+
+* gradient accumulation over k=3 micro-batches, declared with ``torchreg.configure``, against the full batch;
+* ``torch.amp.GradScaler`` on CPU, declared with ``configure``; gradients compared after ``unscale_``;
+* ``torch.compile`` of the model (aot_eager backend);
+* activation checkpointing of the middle layer, reentrant and not;
+* ``backward(inputs=[...])``: the terms go to the listed parameters only.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+import torch
+
+import torchreg
+from reference import assert_same_grads
+from regularizer_table import OPTIMIZERS, Row, assert_same_params, batch, one_thread, pair, params, readout, train  # noqa: F401
+
+FORMS = ("form", ["wrapper", "rule"])
+
+
+@pytest.mark.parametrize("row, form", params("accumulation", FORMS))
+def test_accumulation_k3_matches_full_batch(row: Row, form: str) -> None:
+    model, ref = pair(row, form)
+    torchreg.configure(model, accumulation_steps=3)
+    train(model, ref, k=3)
+
+
+@pytest.mark.parametrize("row", params("grad_scaler"))
+def test_grad_scaler_unscaled_gradients_match(row: Row) -> None:
+    model, ref = pair(row)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)  # the scale changes each step
+    torchreg.configure(model, grad_scaler=scaler)
+    train(model, ref, scaler=scaler, steps=3)
+    assert scaler.get_scale() == 2.0**13, "no step was skipped: the comparison covered three scales"
+
+
+@pytest.fixture
+def dynamo_reset() -> Iterator[None]:
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("row", params("compile"))
+def test_compiled_model_matches(row: Row, dynamo_reset: None) -> None:
+    model, ref = pair(row)
+    train(model, ref, forward=torch.compile(model, backend="aot_eager"))
+
+
+@pytest.mark.parametrize("row, reentrant", params("checkpoint-reentrant", ("reentrant", [True])) +
+                         params("checkpoint", ("reentrant", [False])))
+def test_checkpointed_middle_layer_matches(row: Row, reentrant: bool) -> None:
+    model, ref = pair(row)
+    train(model, ref, forward=lambda x: model(x, ckpt=reentrant))
+
+
+@pytest.mark.parametrize("row", params("inputs"))
+def test_backward_inputs_reaches_listed_parameters_only(row: Row) -> None:
+    model, ref = pair(row)
+    listed = ("b.weight", "c.bias")
+    opt, ref_opt = OPTIMIZERS["SGD"](model.parameters()), OPTIMIZERS["SGD"](ref.model.parameters())
+    for step in range(2):
+        x = batch(12, seed=step)
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        readout(model(x)).backward(inputs=[model.get_parameter(n) for n in listed])
+        (readout(ref.model(x)) + ref.penalty()).backward(inputs=[ref.model.get_parameter(n) for n in listed])
+        assert_same_grads(model, ref.model)
+        assert [n for n, p in model.named_parameters() if p.grad is not None] == list(listed)
+        opt.step()
+        ref.step(ref_opt)
+        assert_same_params(model, ref.model)
