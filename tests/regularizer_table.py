@@ -275,10 +275,11 @@ ROWS: Dict[str, Row] = {row.id: row for row in TABLE}
 assert len(ROWS) == len(TABLE), "row ids must be unique"
 
 
-def params(suite: str, *more: Tuple[str, Sequence[Any]], rows: Optional[Sequence[Row]] = None) -> List[Any]:
-    """``pytest.param`` for every row (times every combination of ``more``: ``(name, values)`` pairs),
-    with readable ids, skipped or strictly xfailed as the row says for ``suite``. The first argument of
-    the parametrized test is the row, then one per pair of ``more``."""
+def params(suite: str, *more: Tuple[str, Sequence[Any]], per_row: Optional[Callable[[Row], Sequence[Any]]] = None,
+           rows: Optional[Sequence[Row]] = None) -> List[Any]:
+    """``pytest.param`` for every row times every combination of ``more`` (``(name, values)`` pairs) or
+    of ``per_row(row)`` (tuples of values), with readable ids, skipped or strictly xfailed as the row
+    says for ``suite``. The parametrized test takes the row, then the values of each combination."""
     assert suite in SUITES, suite
     combos: List[Tuple[Any, ...]] = [()]
     for _, values in more:
@@ -290,14 +291,25 @@ def params(suite: str, *more: Tuple[str, Sequence[Any]], rows: Optional[Sequence
             marks.append(pytest.mark.skip(reason=f"{row.id}: {row.skip[suite]}"))
         if suite in row.xfail:
             marks.append(pytest.mark.xfail(reason=f"{row.id}: {row.xfail[suite]}", strict=True))
-        for combo in combos:
-            out.append(pytest.param(row, *combo, marks=marks, id="-".join([row.id, *map(str, combo)])))
+        for combo in combos if per_row is None else per_row(row):
+            out.append(pytest.param(row, *combo, marks=marks, id="-".join(filter(None, [row.id, *map(_id, combo)]))))
     return out
+
+
+def _id(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, type):
+        return value.__name__
+    return "" if dataclasses.is_dataclass(value) else repr(value)  # a Bad: its label comes before it
 
 
 # ---------------------------------------------------------------------------------------------------
 # The reference model: a bare copy, the penalty added to its loss, the after-step operator by hand
 # ---------------------------------------------------------------------------------------------------
+TARGETS = ("a", "b", "c")  # the regularized modules of the loop suites' model, Net
+
+
 class _Record:
     def __init__(self, into: List[Tensor]) -> None:
         self.into = into
@@ -315,16 +327,20 @@ class Reference:
     through the operator), and :meth:`step` is ``optimizer.step()`` followed, for after-step rows, by
     the row's operator applied by hand to every covered weight the optimizer updated."""
 
-    def __init__(self, row: Row, model: nn.Module, targets: Sequence[str]) -> None:
-        self.row, self.targets = row, tuple(targets)
+    def __init__(self, row: Optional[Row], model: nn.Module, targets: Sequence[str] = TARGETS) -> None:
+        self.row, self.targets = row, tuple(targets)  # row None: the bare model, no penalty
         self.model = copy.deepcopy(model)
+        for m in self.model.modules():  # a copy of another reference's model: drop its recorders
+            for key in [k for k, h in m._forward_hooks.items() if isinstance(h, _Record)]:
+                del m._forward_hooks[key]
         self.outputs: Dict[str, List[Tensor]] = {name: [] for name in self.targets}
-        if row.activity is not None:
+        if row is not None and row.activity is not None:
             for name in self.targets:
                 self.model.get_submodule(name).register_forward_hook(_Record(self.outputs[name]))
 
     def penalty(self) -> Tensor:
-        value = self.row.ref_penalty(self.model, self.outputs) if self.row.after_step is None else torch.zeros(())
+        row = self.row
+        value = torch.zeros(()) if row is None or row.after_step else row.ref_penalty(self.model, self.outputs)
         for outs in self.outputs.values():
             outs.clear()
         return value
@@ -334,7 +350,7 @@ class Reference:
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()
-        if self.row.after_step is None:
+        if self.row is None or self.row.after_step is None:
             return
         with torch.no_grad():
             for w in self.weights():
@@ -393,9 +409,6 @@ LAYERS: Dict[str, Layer] = {
 # ---------------------------------------------------------------------------------------------------
 # The model of the loop suites, and one training loop next to its reference
 # ---------------------------------------------------------------------------------------------------
-TARGETS = ("a", "b", "c")
-
-
 class Net(nn.Module):
     """Three Linear layers (all targets); ``ckpt`` checkpoints the middle one (``True``: reentrant)."""
 
@@ -460,7 +473,7 @@ def train(model: nn.Module, ref: Reference, *, steps: int = 2, k: int = 1, scale
     forward = model if forward is None else forward
     opt, ref_opt = OPTIMIZERS[optimizer](model.parameters()), OPTIMIZERS[optimizer](ref.model.parameters())
     for step in range(steps):
-        x = batch(n, seed=seed + step)
+        x = batch(n, seed=seed + step).to(next(model.parameters()).dtype)
         opt.zero_grad()
         ref_opt.zero_grad()
         for xi in x.chunk(k):
@@ -477,3 +490,18 @@ def train(model: nn.Module, ref: Reference, *, steps: int = 2, k: int = 1, scale
             opt.step()
         ref.step(ref_opt)
         assert_same_params(model, ref.model)
+
+
+def assert_no_torchreg_state(model: nn.Module) -> None:
+    """No hook on any parameter or module, and no attribute of torchreg's, anywhere in ``model``."""
+    for name, p in model.named_parameters():
+        assert not getattr(p, "_post_accumulate_grad_hooks", None), f"post-accumulate-grad hook left on {name}"
+        assert not getattr(p, "_backward_hooks", None), f"tensor hook left on {name}"
+    for name, m in model.named_modules():
+        hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                 "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                 "_load_state_dict_post_hooks")
+        assert not [h for h in hooks if getattr(m, h, None)], f"{name!r}: {[h for h in hooks if getattr(m, h, None)]}"
+        assert not [k for k in m.__dict__ if "torchreg" in k], f"{name!r}: {[k for k in m.__dict__ if 'torchreg' in k]}"
+    with pytest.raises(ValueError, match="no torchreg regularization"):
+        torchreg.remove_regularization(model)

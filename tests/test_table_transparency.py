@@ -1,0 +1,95 @@
+"""Every row of the regularizer table leaves the model the same model, and travels with it.
+
+* ``state_dict``: the keys and values of the bare model; a regularized checkpoint loads into a bare
+  model and a bare one into the regularized model (strict), which stays exact;
+* ``copy.deepcopy``, ``pickle`` and ``torch.save``/``torch.load`` of a trained regularized model give a
+  model regularized exactly as the row says (checked against its own reference), and the original
+  stays exact too (the copy regularizes itself only);
+* ``model.to(torch.float64)`` after training: exact in float64;
+* ``remove_regularization`` gives back the bare gradients and updates, and leaves no hook or attribute.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+from typing import Any, Callable, Dict
+
+import pytest
+import torch
+from torch import nn
+
+import torchreg
+from regularizer_table import (  # noqa: F401
+    TARGETS, Reference, Row, assert_no_torchreg_state, make_net, one_thread, pair, params, train,
+)
+
+FORMS = ("form", ["wrapper", "rule"])
+
+
+def _torch_save(model: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+ROUND_TRIPS: Dict[str, Callable[[nn.Module], nn.Module]] = {
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda model: pickle.loads(pickle.dumps(model)),
+    "torch.save": _torch_save,
+}
+
+
+def _checkpoint(model: nn.Module) -> Dict[str, torch.Tensor]:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("row, form", params("transparency", FORMS))
+def test_state_dict_is_the_bare_models_and_loads_both_ways(row: Row, form: str) -> None:
+    model, ref = pair(row, form)
+    bare = make_net()
+    assert list(model.state_dict()) == list(bare.state_dict())
+    assert all(torch.equal(v, bare.state_dict()[k]) for k, v in model.state_dict().items())
+    train(model, ref, steps=1)
+    target = make_net(seed=1)
+    assert not target.load_state_dict(_checkpoint(model), strict=True).missing_keys
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in target.state_dict().items())
+    # A bare checkpoint into the regularized model: same parameter objects, still exact.
+    other = make_net(seed=2)
+    before = list(model.parameters())
+    model.load_state_dict(_checkpoint(other), strict=True)
+    assert all(p is q for p, q in zip(model.parameters(), before))
+    train(model, Reference(row, other), steps=1)
+
+
+@pytest.mark.parametrize("row, form, trip", params("transparency", FORMS, ("trip", list(ROUND_TRIPS))))
+def test_round_trip_keeps_the_regularization_exact(row: Row, form: str, trip: str) -> None:
+    model, ref = pair(row, form)
+    train(model, ref, steps=1)
+    twin, twin_ref = ROUND_TRIPS[trip](model), Reference(row, ref.model)
+    assert list(twin.state_dict()) == list(model.state_dict())
+    train(twin, twin_ref, steps=2, seed=10)
+    train(model, ref, steps=1, seed=20)  # the original, after its twin trained: unaffected
+
+
+@pytest.mark.parametrize("row, form", params("transparency", FORMS))
+def test_model_to_float64_stays_exact(row: Row, form: str) -> None:
+    model, ref = pair(row, form)
+    train(model, ref, steps=1)
+    assert model.to(torch.float64) is model
+    train(model, Reference(row, ref.model.to(torch.float64)), steps=2, seed=10)
+    assert all(p.dtype == torch.float64 and p.grad.dtype == torch.float64 for p in model.parameters())
+
+
+@pytest.mark.parametrize("row, form", params("transparency", FORMS))
+def test_remove_regularization_restores_bare_training(row: Row, form: str) -> None:
+    model, ref = pair(row, form)
+    train(model, ref, steps=1)
+    assert torchreg.remove_regularization(model) is model
+    assert_no_torchreg_state(model)
+    train(model, Reference(None, ref.model), steps=2, seed=5)
