@@ -1,7 +1,8 @@
 """Every row of the regularizer table under DistributedDataParallel: 2 gloo processes, one spawn.
 
 The module-scoped fixture spawns the two ranks once; each runs every row in turn (the wrapper form on
-the three layers of ``regularizer_table.Net``, wrapped in DDP, 2 SGD steps on its half of each batch)
+the three layers of ``regularizer_table.Net``, wrapped in DDP, 2 SGD steps on its half of each batch, in
+one backward or in k=2 micro-batches, the first under ``no_sync()``, declared with ``configure``)
 and saves its gradients and weights per step. Each row is then checked here against the
 single-process reference on the full batch (the row's penalty added to the loss once, or its operator
 applied by hand after the step), and the two ranks against each other, bit for bit.
@@ -17,24 +18,33 @@ from typing import Any, Dict, List
 import pytest
 import torch
 
+import torchreg
 from regularizer_table import (  # noqa: F401
     OPTIMIZERS, ROWS, TABLE, TARGETS, Reference, Row, batch, make_net, one_thread, params, readout,
 )
 from test_training_loops import WORLD, spawn_ranks
 
 STEPS, N = 2, 12  # 2 steps of a global batch of 12 rows: 6 per rank
+KS = (1, 2)  # micro-batches per rank per step (k > 1: declared with configure, the first under no_sync)
 
 
-def _run_row(row: Row, rank: int) -> Dict[str, Any]:
+def _run_row(row: Row, rank: int, k: int) -> Dict[str, Any]:
+    import contextlib
+
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = row.regularize(make_net(), TARGETS)
+    if k > 1:
+        torchreg.configure(model, accumulation_steps=k)
     ddp = DDP(model)
     opt = OPTIMIZERS["SGD"](ddp.parameters())
     record: Dict[str, Any] = {"grads": [], "params": []}
     for step in range(STEPS):
         opt.zero_grad()
-        readout(ddp(batch(N, seed=step).chunk(WORLD)[rank])).backward()
+        micro = batch(N, seed=step).chunk(WORLD)[rank].chunk(k)
+        for i, x in enumerate(micro):  # all but the last micro-batch under no_sync()
+            with contextlib.nullcontext() if i == k - 1 else ddp.no_sync():
+                (readout(ddp(x)) / k).backward()
         record["grads"].append({n: p.grad.clone() for n, p in model.named_parameters()})
         opt.step()
         record["params"].append({n: p.detach().clone() for n, p in model.named_parameters()})
@@ -52,11 +62,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for row in TABLE:
             if "ddp" in row.skip:
                 continue
-            try:
-                results[row.id] = _run_row(row, rank)
-            except Exception:  # reported by the test of that row
-                results[row.id] = {"error": traceback.format_exc()}
-            dist.barrier()
+            for k in KS:
+                try:
+                    results[row.id, k] = _run_row(row, rank, k)
+                except Exception:  # reported by the test of that row
+                    results[row.id, k] = {"error": traceback.format_exc()}
+                dist.barrier()
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -67,9 +78,9 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> List[Dict[str, Any]]:
     return spawn_ranks(_worker, tmp_path_factory.mktemp("table_ddp"))
 
 
-@pytest.mark.parametrize("row", params("ddp"))
-def test_ddp_matches_full_batch_and_ranks_agree(row: Row, ranks: List[Dict[str, Any]]) -> None:
-    records = [results[row.id] for results in ranks]
+@pytest.mark.parametrize("row, k", params("ddp", ("k", KS)))
+def test_ddp_matches_full_batch_and_ranks_agree(row: Row, k: int, ranks: List[Dict[str, Any]]) -> None:
+    records = [results[row.id, k] for results in ranks]
     for rank, record in enumerate(records):
         assert "error" not in record, f"rank {rank}:\n{record['error']}"
     ref = Reference(row, make_net(), TARGETS)

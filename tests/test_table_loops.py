@@ -4,8 +4,9 @@ The reference (``regularizer_table.Reference``) is a bare copy of the model trai
 penalty added to the loss (or, for after-step rows, its operator applied by hand after a plain step):
 
 * gradient accumulation over k=3 micro-batches, declared with ``torchreg.configure``, against the full batch;
-* ``torch.amp.GradScaler`` on CPU, declared with ``configure``; gradients compared after ``unscale_``;
-* ``torch.compile`` of the model (aot_eager backend);
+* ``torch.amp.GradScaler`` on CPU, declared with ``configure``; gradients compared after ``unscale_``; a
+  step the scaler skips (inf in the data) changes nothing;
+* ``torch.compile`` of the model (aot_eager backend, ``fullgraph=True``: no graph break);
 * activation checkpointing of the middle layer, reentrant and not;
 * ``backward(inputs=[...])``: the terms go to the listed parameters only.
 """
@@ -38,6 +39,18 @@ def test_grad_scaler_unscaled_gradients_match(row: Row) -> None:
     torchreg.configure(model, grad_scaler=scaler)
     train(model, ref, scaler=scaler, steps=3)
     assert scaler.get_scale() == 2.0**13, "no step was skipped: the comparison covered three scales"
+    # An inf in the data: the scaler skips the step, so nothing changes (no after-step operator either) ...
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = OPTIMIZERS["SGD"](model.parameters())
+    x = batch(12, seed=7)
+    x[3, 2] = float("inf")
+    scaler.scale(readout(model(x))).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**12
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)), "a skipped step changed weights"
+    # ... and the next steps are exact again.
+    train(model, ref, scaler=scaler, steps=1, seed=8)
 
 
 @pytest.fixture
@@ -50,7 +63,7 @@ def dynamo_reset() -> Iterator[None]:
 @pytest.mark.parametrize("row", params("compile"))
 def test_compiled_model_matches(row: Row, dynamo_reset: None) -> None:
     model, ref = pair(row)
-    train(model, ref, forward=torch.compile(model, backend="aot_eager"))
+    train(model, ref, forward=torch.compile(model, backend="aot_eager", fullgraph=True))
 
 
 @pytest.mark.parametrize("row, reentrant", params("checkpoint-reentrant", ("reentrant", [True])) +
