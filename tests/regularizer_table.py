@@ -19,6 +19,9 @@ Row format
                                                   #   applied by hand after a plain optimizer step, with the
                                                   #   step ``s`` (SGD: lr; Adam: lr / D per coordinate)
         optimizers=("SGD", "Adam"),               # the optimizers its after-step mode is exact for
+        snapshot=False,                           # True: penalty(w, w0) and after_step(w, s, w0) also get
+                                                  #   w0, the weight's value when the rule was applied
+        layers=("Linear", "Conv2d", "Embedding", "LSTM"),  # the layers it fits (LAYERS; exactness suite)
         bad=(Bad(dict(proximal="yes"), TypeError, ("'yes'",)),),  # bad options besides the strengths
         skip={"compile": "reason"},               # suite -> why this row cannot take it (a visible skip)
         xfail={"ddp": "bug: ..."},                # suite -> a torchreg bug found here (strict xfail)
@@ -177,6 +180,7 @@ class Row:
     activity: Optional[Callable[[Tensor, int], Tensor]] = None
     after_step: Optional[Callable[[Tensor, Any], Tensor]] = None
     optimizers: Tuple[str, ...] = ("SGD",)
+    snapshot: bool = False
     layers: Tuple[str, ...] = ("Linear", "Conv2d", "Embedding", "LSTM")
     bad: Tuple[Bad, ...] = ()
     skip: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -212,24 +216,27 @@ class Row:
         return model
 
     # -- the reference ----------------------------------------------------------------------------
-    def ref_penalty(self, model: nn.Module, outputs: Mapping[str, Sequence[Tensor]]) -> Tensor:
+    def ref_penalty(self, model: nn.Module, outputs: Mapping[str, Sequence[Tensor]],
+                    snapshot: Optional[Mapping[str, Tensor]] = None) -> Tensor:
         """The penalty as an autograd loss term on the bare ``model``: ``outputs`` maps each target module's
         name to the outputs recorded from its calls (the activity rows' input; weight rows read the
-        target's weights)."""
+        target's weights); ``snapshot`` maps ``"target/weight name"`` to the weight's value when the rule
+        was applied (``Row.snapshot`` rows only)."""
         total = torch.zeros(())
         for name, outs in outputs.items():
             if self.activity is not None:
                 for out in outs:
                     total = total + self.activity(out, out.shape[0])
             elif self.penalty is not None:
-                for w in covered(model.get_submodule(name)):
-                    total = total + self.penalty(w)
+                for key, w in covered_items(model, name):
+                    total = total + (self.penalty(w, snapshot[key].to(w)) if self.snapshot else self.penalty(w))
         return total
 
 
-def covered(module: nn.Module) -> List[nn.Parameter]:
-    """The weights the default selection covers in the layers used here (own name ``weight*``)."""
-    return [p for n, p in module.named_parameters() if n.rsplit(".", 1)[-1].startswith("weight")]
+def covered_items(model: nn.Module, target: str) -> List[Tuple[str, nn.Parameter]]:
+    """``("target/name", weight)`` for the weights the default selection covers in ``target``."""
+    return [(f"{target}/{n}", p) for n, p in model.get_submodule(target).named_parameters()
+            if n.rsplit(".", 1)[-1].startswith("weight")]
 
 
 LAM = 0.07  # large enough that a missing, doubled or mis-scaled term moves gradients far past fp32 noise
@@ -278,12 +285,14 @@ assert len(ROWS) == len(TABLE), "row ids must be unique"
 def params(suite: str, *more: Tuple[str, Sequence[Any]], per_row: Optional[Callable[[Row], Sequence[Any]]] = None,
            rows: Optional[Sequence[Row]] = None) -> List[Any]:
     """``pytest.param`` for every row times every combination of ``more`` (``(name, values)`` pairs) or
-    of ``per_row(row)`` (tuples of values), with readable ids, skipped or strictly xfailed as the row
-    says for ``suite``. The parametrized test takes the row, then the values of each combination."""
+    of ``per_row(row)`` (``(label, values)`` pairs), with readable ids, skipped or strictly xfailed as the
+    row says for ``suite``. The parametrized test takes the row, then the values of each combination."""
     assert suite in SUITES, suite
     combos: List[Tuple[Any, ...]] = [()]
-    for _, values in more:
+    names: List[str] = []
+    for name, values in more:
         combos = [c + (v,) for c in combos for v in values]
+        names.append(name)
     out = []
     for row in TABLE if rows is None else rows:
         marks = []
@@ -291,17 +300,11 @@ def params(suite: str, *more: Tuple[str, Sequence[Any]], per_row: Optional[Calla
             marks.append(pytest.mark.skip(reason=f"{row.id}: {row.skip[suite]}"))
         if suite in row.xfail:
             marks.append(pytest.mark.xfail(reason=f"{row.id}: {row.xfail[suite]}", strict=True))
-        for combo in combos if per_row is None else per_row(row):
-            out.append(pytest.param(row, *combo, marks=marks, id="-".join(filter(None, [row.id, *map(_id, combo)]))))
+        labelled = per_row(row) if per_row is not None else [
+            ("-".join(v if isinstance(v, str) else f"{n}={v!r}" for n, v in zip(names, combo)), combo) for combo in combos]
+        for label, combo in labelled:
+            out.append(pytest.param(row, *combo, marks=marks, id="-".join(filter(None, [row.id, label]))))
     return out
-
-
-def _id(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, type):
-        return value.__name__
-    return "" if dataclasses.is_dataclass(value) else repr(value)  # a Bad: its label comes before it
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -325,37 +328,49 @@ class Reference:
     plain-PyTorch way: :meth:`penalty` is the row's penalty as a loss term (the outputs of the targets'
     calls since the last :meth:`penalty` for activity rows; 0 for after-step rows, whose penalty acts
     through the operator), and :meth:`step` is ``optimizer.step()`` followed, for after-step rows, by
-    the row's operator applied by hand to every covered weight the optimizer updated."""
+    the row's operator applied by hand to every covered weight the optimizer updated. ``row`` None: the
+    bare model, no penalty. ``snapshot``: the covered weights' values when the rule was applied
+    (default: ``model``'s now)."""
 
-    def __init__(self, row: Optional[Row], model: nn.Module, targets: Sequence[str] = TARGETS) -> None:
-        self.row, self.targets = row, tuple(targets)  # row None: the bare model, no penalty
+    def __init__(self, row: Optional[Row], model: nn.Module, targets: Sequence[str] = TARGETS,
+                 snapshot: Optional[Mapping[str, Tensor]] = None) -> None:
+        self.row, self.targets = row, tuple(targets)
         self.model = copy.deepcopy(model)
         for m in self.model.modules():  # a copy of another reference's model: drop its recorders
             for key in [k for k, h in m._forward_hooks.items() if isinstance(h, _Record)]:
                 del m._forward_hooks[key]
+        self.snapshot = dict(snapshot) if snapshot is not None else {
+            key: w.detach().clone() for t in self.targets for key, w in covered_items(self.model, t)}
         self.outputs: Dict[str, List[Tensor]] = {name: [] for name in self.targets}
         if row is not None and row.activity is not None:
             for name in self.targets:
                 self.model.get_submodule(name).register_forward_hook(_Record(self.outputs[name]))
 
+    def fork(self, model: Optional[nn.Module] = None) -> "Reference":
+        """A reference for a copy of the regularized model: a copy of this one's model (or ``model``),
+        the same snapshot."""
+        return Reference(self.row, self.model if model is None else model, self.targets, self.snapshot)
+
     def penalty(self) -> Tensor:
         row = self.row
-        value = torch.zeros(()) if row is None or row.after_step else row.ref_penalty(self.model, self.outputs)
+        value = (torch.zeros(()) if row is None or row.after_step
+                 else row.ref_penalty(self.model, self.outputs, self.snapshot))
         for outs in self.outputs.values():
             outs.clear()
         return value
 
-    def weights(self) -> List[nn.Parameter]:
-        return [w for name in self.targets for w in covered(self.model.get_submodule(name))]
-
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()
-        if self.row is None or self.row.after_step is None:
+        row = self.row
+        if row is None or row.after_step is None:
             return
         with torch.no_grad():
-            for w in self.weights():
-                if w.grad is not None:  # torch.optim did not update it otherwise
-                    w.copy_(self.row.after_step(w.detach().clone(), step_size(optimizer, w)))
+            for t in self.targets:
+                for key, w in covered_items(self.model, t):
+                    if w.grad is None:  # torch.optim did not update it
+                        continue
+                    args = (w.detach().clone(), step_size(optimizer, w))
+                    w.copy_(row.after_step(*args, self.snapshot[key].to(w)) if row.snapshot else row.after_step(*args))
 
 
 def step_size(optimizer: torch.optim.Optimizer, p: Tensor) -> Any:

@@ -34,12 +34,12 @@ BAD_STRENGTHS = [  # (value, error, how the message shows it)
 ]
 
 
-def _bad_inputs(row: Row) -> List[Tuple[Any, ...]]:
-    """(id, form, Bad) for every strength x bad value, and every bad option of the row, in both forms."""
+def _bad_inputs(row: Row) -> List[Tuple[str, Tuple[Any, ...]]]:
+    """(label, (form, Bad)) for every strength x bad value, and every bad option of the row, in both forms."""
     cases = [Bad({name: value}, error, (name, shown))
              for name in row.cls._strengths for value, error, shown in BAD_STRENGTHS]
     cases += list(row.bad)
-    return [(f"{'-'.join(f'{k}={v!r}' for k, v in bad.options.items())}", form, bad)
+    return [(f"{'-'.join(f'{k}={v!r}' for k, v in bad.options.items())}-{form}", (form, bad))
             for bad in cases for form in ("wrapper", "rule")]
 
 
@@ -50,8 +50,8 @@ def _call(row: Row, form: str, model: nn.Module, options: Any) -> Any:
     return torchreg.apply_regularization(model, {nn.Linear: functools.partial(row.cls, **kwargs)})
 
 
-@pytest.mark.parametrize("row, label, form, bad", params("errors", per_row=_bad_inputs))
-def test_bad_input_raises_and_leaves_the_model_untouched(row: Row, label: str, form: str, bad: Bad) -> None:
+@pytest.mark.parametrize("row, form, bad", params("errors", per_row=_bad_inputs))
+def test_bad_input_raises_and_leaves_the_model_untouched(row: Row, form: str, bad: Bad) -> None:
     model = make_net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(bad.error) as info:
@@ -64,8 +64,9 @@ def test_bad_input_raises_and_leaves_the_model_untouched(row: Row, label: str, f
     train(model, Reference(None, make_net()), steps=1)  # the bare gradients and updates
 
 
-def _bad_assignments(row: Row) -> List[Tuple[Any, ...]]:
-    return [(name, value, error) for name in row.cls._strengths for value, error, _ in BAD_STRENGTHS[::3]]
+def _bad_assignments(row: Row) -> List[Tuple[str, Tuple[Any, ...]]]:
+    return [(f"{name}={value!r}", (name, value, error))
+            for name in row.cls._strengths for value, error, _ in BAD_STRENGTHS[::3]]
 
 
 @pytest.mark.parametrize("row, name, value, error", params("errors", per_row=_bad_assignments))

@@ -31,7 +31,7 @@ def test_dropped_model_is_freed(row: Row, form: str) -> None:
     for optimizer in row.optimizers:
         train(model, ref, steps=2, optimizer=optimizer)
     twin = copy.deepcopy(model)
-    train(twin, Reference(row, ref.model), steps=1)
+    train(twin, ref.fork(), steps=1)
     refs = [weakref.ref(o) for o in (model, twin, *model.parameters(), *twin.parameters())]
     if rule is not None:
         refs.append(weakref.ref(rule))

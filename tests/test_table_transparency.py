@@ -64,14 +64,14 @@ def test_state_dict_is_the_bare_models_and_loads_both_ways(row: Row, form: str) 
     before = list(model.parameters())
     model.load_state_dict(_checkpoint(other), strict=True)
     assert all(p is q for p, q in zip(model.parameters(), before))
-    train(model, Reference(row, other), steps=1)
+    train(model, Reference(row, other, snapshot=ref.snapshot), steps=1)
 
 
 @pytest.mark.parametrize("row, form, trip", params("transparency", FORMS, ("trip", list(ROUND_TRIPS))))
 def test_round_trip_keeps_the_regularization_exact(row: Row, form: str, trip: str) -> None:
     model, ref = pair(row, form)
     train(model, ref, steps=1)
-    twin, twin_ref = ROUND_TRIPS[trip](model), Reference(row, ref.model)
+    twin, twin_ref = ROUND_TRIPS[trip](model), ref.fork()
     assert list(twin.state_dict()) == list(model.state_dict())
     train(twin, twin_ref, steps=2, seed=10)
     train(model, ref, steps=1, seed=20)  # the original, after its twin trained: unaffected
@@ -82,7 +82,7 @@ def test_model_to_float64_stays_exact(row: Row, form: str) -> None:
     model, ref = pair(row, form)
     train(model, ref, steps=1)
     assert model.to(torch.float64) is model
-    train(model, Reference(row, ref.model.to(torch.float64)), steps=2, seed=10)
+    train(model, ref.fork(ref.model.to(torch.float64)), steps=2, seed=10)
     assert all(p.dtype == torch.float64 and p.grad.dtype == torch.float64 for p in model.parameters())
 
 
