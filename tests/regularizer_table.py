@@ -43,7 +43,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import numbers
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pytest
@@ -67,22 +66,11 @@ class LogCosh(torchreg.Regularizer):
     is ``lam * tanh(w)``."""
 
     _strengths = ("lam",)
-    params = None  # the default selection (a layer's weights)
+    lam = torchreg.regularizers.strength("lam")
 
-    def __init__(self, lam: float) -> None:
+    def __init__(self, lam: float, *, params: Any = None) -> None:
         self.lam = lam
-
-    @property
-    def lam(self) -> float:
-        return self.__dict__["lam"]
-
-    @lam.setter
-    def lam(self, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"LogCosh lam must be a real number >= 0, got {value!r} ({type(value).__name__})")
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"LogCosh lam must be a finite real number >= 0, got {value!r}")
-        self.__dict__["lam"] = float(value)
+        self._init_selection(params)
 
     def penalty(self, param: Tensor) -> Tensor:
         a = param.abs()  # log(cosh(w)) = |w| + log1p(exp(-2|w|)) - log(2), stable for large |w|
