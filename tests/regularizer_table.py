@@ -34,8 +34,10 @@ parameters of a target module are its parameters whose own name starts with ``we
 default selection for the layers used here: Linear, Conv2d, Embedding, LSTM, written out independently
 of torchreg's selection code). Suite names for ``skip`` / ``xfail``: :data:`SUITES`.
 
-``LogCosh`` below is a regularizer defined outside the package, written to the regularizer contract
-only (``penalty`` and ``grad_``); its row runs through every suite as the built-in ones do.
+``LogCosh`` and ``TowardInit`` below are regularizers defined outside the package, written to the
+regularizer contract only (``penalty``, ``grad_``; ``TowardInit`` also per-parameter state through
+``init_state`` and a ``prox_``); their rows run through every suite as the built-in ones do, which
+carries the state through accumulation, DDP, deepcopy, pickle, ``torch.save`` and ``model.to()``.
 """
 
 from __future__ import annotations
@@ -81,6 +83,35 @@ class LogCosh(torchreg.Regularizer):
             grad.add_(torch.tanh(param), alpha=self.lam * alpha)
         else:
             grad.addcmul_(torch.tanh(param), scale, value=self.lam * alpha)
+
+
+class TowardInit(torchreg.Regularizer):
+    """``lam / 2 * sum((w - w0) ** 2)``, ``w0`` each weight's value when the rule was applied, kept as
+    per-parameter state (``init_state``); with ``proximal=True`` its operator
+    ``(w + step * lam * w0) / (1 + step * lam)`` runs after each optimizer step instead."""
+
+    _strengths = ("lam",)
+    lam = torchreg.regularizers.strength("lam")
+
+    def __init__(self, lam: float, *, proximal: bool = False, params: Any = None) -> None:
+        self.lam = lam
+        self._init_proximal(proximal)
+        self._init_selection(params)
+
+    def init_state(self, name: str, param: Tensor) -> Dict[str, Tensor]:
+        return {"start": param.detach().clone()}
+
+    def penalty(self, param: Tensor, state: Dict[str, Tensor]) -> Tensor:
+        return self.lam / 2 * (param - state["start"]).pow(2).sum()
+
+    def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None,
+              state: Optional[Dict[str, Tensor]] = None) -> None:
+        term = (param - state["start"]) * (self.lam * alpha)
+        grad.add_(term if scale is None else term * scale)
+
+    def prox_(self, param: Tensor, step: Any, state: Optional[Dict[str, Tensor]] = None) -> None:
+        t = step * self.lam
+        param.add_(state["start"] * t).div_(t + 1)
 
 
 @pytest.fixture(autouse=True)
@@ -264,6 +295,12 @@ TABLE: List[Row] = [
     Row("ActivityL1", torchreg.ActivityL1, dict(lam=LAM), activity=lambda out, b: LAM * out.abs().sum() / b),
     Row("ActivityL2", torchreg.ActivityL2, dict(lam=LAM), activity=lambda out, b: LAM / 2 * out.pow(2).sum() / b),
     Row("LogCosh-user-defined", LogCosh, dict(lam=LAM), penalty=lambda w: LAM * torch.log(torch.cosh(w)).sum()),
+    Row("TowardInit-user-state", TowardInit, dict(lam=LAM), snapshot=True,
+        penalty=lambda w, w0: LAM / 2 * (w - w0).pow(2).sum()),
+    Row("TowardInit-user-state-prox", TowardInit, dict(lam=LAM, proximal=True), snapshot=True,
+        penalty=lambda w, w0: LAM / 2 * (w - w0).pow(2).sum(),
+        after_step=lambda w, s, w0: (w + s * LAM * w0) / (1 + s * LAM), optimizers=("SGD", "Adam"),
+        bad=(_BAD_PROXIMAL,)),
 ]
 
 ROWS: Dict[str, Row] = {row.id: row for row in TABLE}

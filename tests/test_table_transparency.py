@@ -4,8 +4,8 @@
   model and a bare one into the regularized model (strict), which stays exact;
 * ``copy.deepcopy``, ``pickle`` and ``torch.save``/``torch.load`` of a trained regularized model give a
   model regularized exactly as the row says (checked against its own reference), and the original
-  stays exact too (the copy regularizes itself only);
-* ``model.to(torch.float64)`` after training: exact in float64;
+  stays exact too (the copy regularizes itself only, with a per-parameter state of its own);
+* ``model.to(torch.float64)`` after training: exact in float64, per-parameter state moved along;
 * ``remove_regularization`` gives back the bare gradients and updates, and leaves no hook or attribute.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-from typing import Any, Callable, Dict
+from typing import Callable, Dict, List
 
 import pytest
 import torch
@@ -67,12 +67,21 @@ def test_state_dict_is_the_bare_models_and_loads_both_ways(row: Row, form: str) 
     train(model, Reference(row, other, snapshot=ref.snapshot), steps=1)
 
 
+def state_tensors(model: nn.Module) -> List[torch.Tensor]:
+    """The per-parameter state tensors (``Regularizer.init_state``) torchreg keeps for ``model``."""
+    return [t for unit in torchreg._registry.units_in(model) for entry in unit.entries
+            for t in (getattr(entry, "state", None) or {}).values()]
+
+
 @pytest.mark.parametrize("row, form, trip", params("transparency", FORMS, ("trip", list(ROUND_TRIPS))))
 def test_round_trip_keeps_the_regularization_exact(row: Row, form: str, trip: str) -> None:
     model, ref = pair(row, form)
     train(model, ref, steps=1)
     twin, twin_ref = ROUND_TRIPS[trip](model), ref.fork()
     assert list(twin.state_dict()) == list(model.state_dict())
+    mine, theirs = state_tensors(model), state_tensors(twin)
+    assert len(mine) == len(theirs) == (len(ref.snapshot) if row.snapshot else 0)
+    assert not {t.data_ptr() for t in mine} & {t.data_ptr() for t in theirs}, "the copy shares the state"
     train(twin, twin_ref, steps=2, seed=10)
     train(model, ref, steps=1, seed=20)  # the original, after its twin trained: unaffected
 
@@ -84,6 +93,7 @@ def test_model_to_float64_stays_exact(row: Row, form: str) -> None:
     assert model.to(torch.float64) is model
     train(model, ref.fork(ref.model.to(torch.float64)), steps=2, seed=10)
     assert all(p.dtype == torch.float64 and p.grad.dtype == torch.float64 for p in model.parameters())
+    assert all(t.dtype == torch.float64 for t in state_tensors(model)), "the state did not follow .to()"
 
 
 @pytest.mark.parametrize("row, form", params("transparency", FORMS))
