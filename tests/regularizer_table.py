@@ -27,6 +27,19 @@ Row format
         xfail={"ddp": "bug: ..."},                # suite -> a torchreg bug found here (strict xfail)
     )
 
+Adding a row
+------------
+A few lines in :data:`TABLE`, e.g. (the penalty and operator typed from the maths, never by calling
+torchreg)::
+
+    Row("Huber", Huber, dict(lam=LAM, delta=0.5), penalty=lambda w: LAM * huber(w, 0.5),
+        bad=(Bad(dict(delta=-1.0), ValueError, ("delta", "-1.0")),)),
+    Row("MaxNorm", torchreg.MaxNorm, dict(max_value=0.3),            # a constraint: no penalty,
+        after_step=lambda w, s: keras_max_norm(w, 0.3, dim=0),       # its projection (step ignored)
+        optimizers=("SGD", "Adam")),
+    Row("L2-center-init", torchreg.L2, dict(lam=LAM, center="init"), snapshot=True,
+        penalty=lambda w, w0: LAM / 2 * (w - w0).pow(2).sum()),
+
 Modes, as the suites read them: a row with ``activity`` penalizes outputs; a row with ``after_step``
 adds nothing at backward (its gradients are the bare model's) and changes the weights after each
 optimizer step; any other row adds ``d penalty / d w`` to the gradient at backward. The covered
