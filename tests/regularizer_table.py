@@ -69,7 +69,7 @@ from reference import assert_same_grads
 
 SUITES = (
     "exactness", "accumulation", "grad_scaler", "compile", "checkpoint-reentrant", "checkpoint",
-    "inputs", "ddp", "transparency", "errors", "memory",
+    "inputs", "create_graph", "ddp", "transparency", "errors", "memory",
 )
 
 
@@ -282,7 +282,11 @@ _BAD_MODE = (Bad(dict(mode=1), TypeError, ("mode", "1")), Bad(dict(mode="diagona
 def _group_rows(dim: int) -> List[Row]:
     return [
         Row(f"GroupLasso-dim{dim}", torchreg.GroupLasso, dict(lam=LAM, dim=dim),
-            penalty=lambda w: LAM * group_norm_sum(w, dim), bad=_BAD_DIM),
+            penalty=lambda w: LAM * group_norm_sum(w, dim), bad=_BAD_DIM, xfail={"create_graph": (
+                "torchreg bug: GroupLasso.grad_ scales norms.reciprocal() in place (.mul_), an output autograd "
+                "saves when create_graph=True records the term, so the second backward through .grad raises "
+                "'modified by an inplace operation ... output 0 of Reciprocal' (README: the term joins .grad's "
+                "graph)")}),
         Row(f"GroupLasso-dim{dim}-prox", torchreg.GroupLasso, dict(lam=LAM, dim=dim, proximal=True),
             penalty=lambda w: LAM * group_norm_sum(w, dim), after_step=lambda w, s: group_prox(w, s, LAM, dim),
             optimizers=("SGD", "Adam"), bad=_BAD_DIM + (_BAD_PROXIMAL,)),
@@ -306,7 +310,10 @@ TABLE: List[Row] = [
     Row("Orthogonal-columns", torchreg.Orthogonal, dict(lam=LAM, mode="columns"),
         penalty=lambda w: orthogonal_penalty(w, LAM, "columns"), bad=_BAD_MODE),
     Row("ActivityL1", torchreg.ActivityL1, dict(lam=LAM), activity=lambda out, b: LAM * out.abs().sum() / b),
-    Row("ActivityL2", torchreg.ActivityL2, dict(lam=LAM), activity=lambda out, b: LAM / 2 * out.pow(2).sum() / b),
+    Row("ActivityL2", torchreg.ActivityL2, dict(lam=LAM), activity=lambda out, b: LAM / 2 * out.pow(2).sum() / b,
+        skip={"create_graph": "a documented limit (README, activity regularization): under create_graph=True the "
+                              "activity term is a constant of the graph, so L2's second derivative lam / batch is "
+                              "missing"}),
     Row("LogCosh-user-defined", LogCosh, dict(lam=LAM), penalty=lambda w: LAM * torch.log(torch.cosh(w)).sum()),
     Row("TowardInit-user-state", TowardInit, dict(lam=LAM), snapshot=True,
         penalty=lambda w, w0: LAM / 2 * (w - w0).pow(2).sum()),

@@ -8,12 +8,14 @@ penalty added to the loss (or, for after-step rows, its operator applied by hand
   step the scaler skips (inf in the data) changes nothing;
 * ``torch.compile`` of the model (aot_eager backend, ``fullgraph=True``: no graph break);
 * activation checkpointing of the middle layer, reentrant and not;
-* ``backward(inputs=[...])``: the terms go to the listed parameters only.
+* ``backward(inputs=[...])``: the terms go to the listed parameters only;
+* ``backward(create_graph=True)``: the term joins ``.grad``'s graph, so a Hessian-vector product through
+  ``.grad`` equals the reference's.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, List
 
 import pytest
 import torch
@@ -89,3 +91,26 @@ def test_backward_inputs_reaches_listed_parameters_only(row: Row) -> None:
         opt.step()
         ref.step(ref_opt)
         assert_same_params(model, ref.model)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+@pytest.mark.parametrize("row", params("create_graph"))
+def test_create_graph_second_derivatives_match(row: Row) -> None:
+    model, ref = pair(row)
+    x = batch(12, seed=0)
+    readout(model(x)).backward(create_graph=True)
+    (readout(ref.model(x)) + ref.penalty()).backward(create_graph=True)
+    assert_same_grads(model, ref.model)
+    g = torch.Generator().manual_seed(3)
+    vectors = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+
+    def hvp(net: torch.nn.Module) -> List[torch.Tensor]:
+        ps = list(net.parameters())
+        return list(torch.autograd.grad(sum((p.grad * v).sum() for p, v in zip(ps, vectors)), ps))
+
+    try:
+        for (name, _), got, want in zip(model.named_parameters(), hvp(model), hvp(ref.model)):
+            torch.testing.assert_close(got, want, msg=lambda m: f"Hessian-vector product, {name}: {m}")
+    finally:  # .grad holds a graph back to its parameter: break the cycle
+        model.zero_grad(set_to_none=True)
+        ref.model.zero_grad(set_to_none=True)
