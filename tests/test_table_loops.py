@@ -10,7 +10,10 @@ penalty added to the loss (or, for after-step rows, its operator applied by hand
 * activation checkpointing of the middle layer, reentrant and not;
 * ``backward(inputs=[...])``: the terms go to the listed parameters only;
 * ``backward(create_graph=True)``: the term joins ``.grad``'s graph, so a Hessian-vector product through
-  ``.grad`` equals the reference's.
+  ``.grad`` equals the reference's;
+* two backwards through one retained graph (``accumulation_steps=2``): each adds half the term;
+* ``torch.autograd.grad``: no ``.grad`` changes, the returned gradients are the data's (activity terms,
+  part of the graph's backward, included), and the next backward is exact.
 """
 
 from __future__ import annotations
@@ -114,3 +117,29 @@ def test_create_graph_second_derivatives_match(row: Row) -> None:
     finally:  # .grad holds a graph back to its parameter: break the cycle
         model.zero_grad(set_to_none=True)
         ref.model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("row", params("retain_graph"))
+def test_two_backwards_through_a_retained_graph(row: Row) -> None:
+    model, ref = pair(row)
+    torchreg.configure(model, accumulation_steps=2)
+    x = batch(12, seed=0)
+    loss = readout(model(x))
+    loss.backward(retain_graph=True)
+    loss.backward()
+    (2 * readout(ref.model(x)) + ref.penalty()).backward()
+    assert_same_grads(model, ref.model)
+
+
+@pytest.mark.parametrize("row", params("autograd_grad"))
+def test_autograd_grad_changes_no_grad(row: Row) -> None:
+    model, ref = pair(row)
+    x = batch(12, seed=0)
+    got = torch.autograd.grad(readout(model(x)), list(model.parameters()))
+    loss = readout(ref.model(x))
+    penalty = ref.penalty()  # (also clears the recorded outputs) only activity terms are part of the graph
+    want = torch.autograd.grad(loss + penalty if row.mode == "activity" else loss, list(ref.model.parameters()))
+    for (name, p), a, b in zip(model.named_parameters(), got, want):
+        assert p.grad is None, name
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+    train(model, ref, steps=1)
