@@ -350,7 +350,8 @@ def params(suite: str, *more: Tuple[str, Sequence[Any]], per_row: Optional[Calla
         if suite in row.xfail:
             marks.append(pytest.mark.xfail(reason=f"{row.id}: {row.xfail[suite]}", strict=True))
         labelled = per_row(row) if per_row is not None else [
-            ("-".join(v if isinstance(v, str) else f"{n}={v!r}" for n, v in zip(names, combo)), combo) for combo in combos]
+            ("-".join(v if isinstance(v, str) else f"{n}={v!r}" for n, v in zip(names, combo)), combo)
+            for combo in combos]
         for label, combo in labelled:
             out.append(pytest.param(row, *combo, marks=marks, id="-".join(filter(None, [row.id, label]))))
     return out

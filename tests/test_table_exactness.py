@@ -24,7 +24,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not sup
 STEPS = 2
 
 
-@pytest.mark.parametrize("row, layer, form", params("exactness", ("layer", list(LAYERS)), ("form", ["wrapper", "rule"])))
+@pytest.mark.parametrize("row, layer, form",
+                         params("exactness", ("layer", list(LAYERS)), ("form", ["wrapper", "rule"])))
 def test_matches_autograd_of_loss_plus_penalty(row: Row, layer: str, form: str) -> None:
     if layer not in row.layers:
         pytest.skip(f"{row.id} does not fit {layer} (Row.layers)")
@@ -35,7 +36,8 @@ def test_matches_autograd_of_loss_plus_penalty(row: Row, layer: str, form: str) 
         ref = Reference(row, model, [""])
         row.regularize(model, [""], form)
         if row.penalty is not None:  # torchreg's reading of the penalty, against the typed formula
-            torch.testing.assert_close(torchreg.penalty(model), row.ref_penalty(ref.model, {"": []}, ref.snapshot).detach())
+            want = row.ref_penalty(ref.model, {"": []}, ref.snapshot).detach()
+            torch.testing.assert_close(torchreg.penalty(model), want)
         opt, ref_opt = OPTIMIZERS[name](model.parameters()), OPTIMIZERS[name](ref.model.parameters())
         for step in range(STEPS):
             x = case.inputs(seed=step)

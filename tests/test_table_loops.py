@@ -25,7 +25,9 @@ import torch
 
 import torchreg
 from reference import assert_same_grads
-from regularizer_table import OPTIMIZERS, Row, assert_same_params, batch, one_thread, pair, params, readout, train  # noqa: F401
+from regularizer_table import (  # noqa: F401
+    OPTIMIZERS, Row, assert_same_params, batch, one_thread, pair, params, readout, train,
+)
 
 FORMS = ("form", ["wrapper", "rule"])
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import torchreg
-from regularizer_table import TABLE, TARGETS, Reference, Row, make_net, one_thread, params, train  # noqa: F401
+from regularizer_table import TABLE, TARGETS, Reference, Row, make_net, params, train
 
 FORMS = ("wrapper", "rule")
 
