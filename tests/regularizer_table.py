@@ -71,13 +71,13 @@ SUITES = (
     "exactness", "accumulation", "grad_scaler", "compile", "checkpoint-reentrant", "checkpoint",
     "inputs", "create_graph", "retain_graph", "autograd_grad", "ddp", "transparency", "errors", "memory",
 )
-#: Activity terms are added once per forward call, at the first backward that reaches its output.
+#: Why the activity rows skip the retain_graph suite.
 _ACTIVITY_RETAIN = ("a documented limit (README, activity regularization): a second backward through the same "
                     "retained graph does not add the term again, where the loss penalty would")
 
 
 # ---------------------------------------------------------------------------------------------------
-# A regularizer defined outside torchreg: the contract only.
+# Regularizers defined outside torchreg, written to the contract only
 # ---------------------------------------------------------------------------------------------------
 class LogCosh(torchreg.Regularizer):
     """``lam * sum(log(cosh(w)))``: quadratic near 0, linear far from it (a smooth L1); its gradient
@@ -331,8 +331,8 @@ ROWS: Dict[str, Row] = {row.id: row for row in TABLE}
 assert len(ROWS) == len(TABLE), "row ids must be unique"
 
 
-def params(suite: str, *more: Tuple[str, Sequence[Any]], per_row: Optional[Callable[[Row], Sequence[Any]]] = None,
-           rows: Optional[Sequence[Row]] = None) -> List[Any]:
+def params(suite: str, *more: Tuple[str, Sequence[Any]],
+           per_row: Optional[Callable[[Row], Sequence[Tuple[str, Tuple[Any, ...]]]]] = None) -> List[Any]:
     """``pytest.param`` for every row times every combination of ``more`` (``(name, values)`` pairs) or
     of ``per_row(row)`` (``(label, values)`` pairs), with readable ids, skipped or strictly xfailed as the
     row says for ``suite``. The parametrized test takes the row, then the values of each combination."""
@@ -343,7 +343,7 @@ def params(suite: str, *more: Tuple[str, Sequence[Any]], per_row: Optional[Calla
         combos = [c + (v,) for c in combos for v in values]
         names.append(name)
     out = []
-    for row in TABLE if rows is None else rows:
+    for row in TABLE:
         marks = []
         if suite in row.skip:
             marks.append(pytest.mark.skip(reason=f"{row.id}: {row.skip[suite]}"))
