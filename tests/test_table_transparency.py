@@ -1,7 +1,7 @@
 """Every row of the regularizer table leaves the model the same model, and travels with it.
 
 * ``state_dict``: the keys and values of the bare model; a regularized checkpoint loads into a bare
-  model and a bare one into the regularized model (strict), which stays exact;
+  model and a bare one into the regularized model (strict; copied, or ``assign=True``), which stays exact;
 * ``copy.deepcopy``, ``pickle`` and ``torch.save``/``torch.load`` of a trained regularized model give a
   model regularized exactly as the row says (checked against its own reference), and the original
   stays exact too (the copy regularizes itself only, with a per-parameter state of its own);
@@ -49,8 +49,8 @@ def _checkpoint(model: nn.Module) -> Dict[str, torch.Tensor]:
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("row, form", params("transparency", FORMS))
-def test_state_dict_is_the_bare_models_and_loads_both_ways(row: Row, form: str) -> None:
+@pytest.mark.parametrize("row, form, load", params("transparency", FORMS, ("load", ["copy", "assign"])))
+def test_state_dict_is_the_bare_models_and_loads_both_ways(row: Row, form: str, load: str) -> None:
     model, ref = pair(row, form)
     bare = make_net()
     assert list(model.state_dict()) == list(bare.state_dict())
@@ -59,12 +59,13 @@ def test_state_dict_is_the_bare_models_and_loads_both_ways(row: Row, form: str) 
     target = make_net(seed=1)
     assert not target.load_state_dict(_checkpoint(model), strict=True).missing_keys
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in target.state_dict().items())
-    # A bare checkpoint into the regularized model: same parameter objects, still exact.
+    # A bare checkpoint into the regularized model (copied into its parameters, or assign=True: new
+    # parameter objects): still exact, the state (anchors) kept from when the rule was applied.
     other = make_net(seed=2)
     before = list(model.parameters())
-    model.load_state_dict(_checkpoint(other), strict=True)
-    assert all(p is q for p, q in zip(model.parameters(), before))
-    train(model, Reference(row, other, snapshot=ref.snapshot), steps=1)
+    model.load_state_dict(_checkpoint(other), strict=True, assign=load == "assign")
+    assert all((p is q) == (load == "copy") for p, q in zip(model.parameters(), before))
+    train(model, Reference(row, other, snapshot=ref.snapshot), steps=2)
 
 
 def state_tensors(model: nn.Module) -> List[torch.Tensor]:
