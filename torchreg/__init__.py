@@ -14,6 +14,7 @@ selection. Integrations: ``torchreg.lightning``, ``torchreg.hf`` (imported only 
 
 from .activity import ActivityL1, ActivityL2
 from .config import rules_from_config, rules_to_config
+from .fisher import fisher_diagonal
 from .groups import param_groups
 from .regularizers import ElasticNet, GroupLasso, L1, L2, Orthogonal, Regularizer
 from .report import Sparsity, Summary, penalty, sparsity, summary
@@ -36,6 +37,7 @@ __all__ = [
     "__version__",
     "apply_regularization",
     "configure",
+    "fisher_diagonal",
     "param_groups",
     "penalty",
     "remove_regularization",
