@@ -1,0 +1,197 @@
+"""Penalties toward an anchor: where the anchor (``center=``) and the importance come from, and the
+centered maths the regularizers use.
+
+With a center ``c`` (and for L2 an importance ``F >= 0``), the penalties are ``lam * sum|w - c|``
+(L1) and ``lam / 2 * sum F * (w - c) ** 2`` (L2; ``F = 1`` without an importance), their gradients
+``lam * sgn(w - c)`` and ``lam * F * (w - c)``, and the proximal operator of a separable penalty
+``h`` centered at ``c`` is the shifted one, ``prox_{h(. - c)}(w) = c + prox_h(w - c)``: the
+coordinates the operator sets to zero land on their center *exactly* (``0 + c``).
+
+Where they come from: ``center="init"`` snapshots each selected parameter when the rule is applied;
+a mapping (a ``state_dict()``) or an ``nn.Module`` (its ``named_parameters()``) gives a tensor per
+parameter name, names as ``named_parameters()`` of the module the rule is applied to. Either way the
+regularizer keeps one copy per covered parameter, on the parameter's device and dtype, as that
+parameter's state (``Regularizer.init_state``); the user's mapping or module is not kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._ops import add_scaled_, sum_of_squares
+from ._validate import describe
+
+__all__ = [
+    "INIT", "add_l1_", "add_l2_", "check_center", "check_importance", "describe_reference", "l1_penalty",
+    "l2_penalty", "lookup", "shifted_",
+]
+
+#: ``center="init"``: the value of each parameter when the rule is applied.
+INIT = "init"
+
+_ALLOWED = "None, 'init', a mapping from parameter names to tensors (a state_dict()) or an nn.Module"
+
+
+# -- arguments -----------------------------------------------------------------------------------
+def check_center(value: Any, owner: str) -> Any:
+    """``value`` if it is an allowed ``center=``; ``TypeError`` / ``ValueError`` naming it otherwise."""
+    if value is None or isinstance(value, (Mapping, nn.Module)):
+        return value
+    if isinstance(value, str):
+        if value == INIT:
+            return value
+        raise ValueError(f"{owner} center must be {_ALLOWED}; got the string {value!r}")
+    hint = (
+        "; a single tensor has no parameter name: give {name: tensor}, e.g. the pretrained model's state_dict()"
+        if isinstance(value, Tensor) else ""
+    )
+    raise TypeError(f"{owner} center must be {_ALLOWED}; got {describe(value)}{hint}")
+
+
+def check_importance(value: Any, center: Any, owner: str) -> Any:
+    """``value`` if it is an allowed ``importance=`` given ``center``; raises otherwise."""
+    if value is None:
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"{owner} importance must be None or a mapping from parameter names to tensors >= 0 (e.g. "
+            f"torchreg.fisher_diagonal(...)); got {describe(value)}"
+        )
+    if center is None:
+        raise ValueError(
+            f"{owner} importance= needs a center=: the importance weighs the distance to an anchor (EWC: "
+            "center= the previous task's weights, importance= their Fisher information)"
+        )
+    return value
+
+
+def describe_reference(value: Any) -> str:
+    """A short text for a mapping or module in a repr (their own reprs can be a whole model)."""
+    if isinstance(value, nn.Module):
+        return f"<{type(value).__name__}>"
+    if isinstance(value, Mapping):
+        return f"<{type(value).__name__} of {len(value)}>"
+    return repr(value)
+
+
+# -- one tensor per parameter --------------------------------------------------------------------
+def lookup(source: Any, name: str, param: Tensor, what: str, owner: str,
+           table: Optional[Dict[str, Tensor]] = None) -> Tensor:
+    """``source``'s tensor for the parameter ``name`` as a fresh copy with ``param``'s local shape,
+    layout, dtype and device (``source`` a mapping, or a module: ``table`` is then its
+    ``dict(named_parameters())``, built once by the caller). ``center="init"`` snapshots ``param``.
+
+    Raises ``ValueError`` for a missing name, another shape, a non-finite value, or a negative
+    importance; ``TypeError`` for a value that is no tensor, or a complex one for a real parameter.
+    """
+    if isinstance(source, str) and source == INIT:
+        with torch.no_grad():
+            return _local(param).detach().clone(memory_format=torch.preserve_format)
+    if table is None:
+        table = source if isinstance(source, Mapping) else dict(source.named_parameters())
+    if name not in table:
+        known = list(table)
+        shown = ", ".join(map(repr, known[:8])) + (", ..." if len(known) > 8 else "")
+        raise ValueError(
+            f"{owner}: {what} has no tensor for the parameter {name!r} (names are those of named_parameters() of "
+            f"the module the rule is applied to); {what} has {len(known)} name(s): {shown}. Give a {what} with "
+            "the same parameter names, or exclude this parameter (params=..., or a None rule)"
+        )
+    value = table[name]
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{owner}: {what}[{name!r}] must be a tensor, got {describe(value)}")
+    if tuple(value.shape) != tuple(param.shape):
+        raise ValueError(
+            f"{owner}: {what}[{name!r}] has shape {tuple(value.shape)}, but the parameter {name!r} has shape "
+            f"{tuple(param.shape)}"
+        )
+    if value.is_complex() and not param.is_complex():
+        raise TypeError(f"{owner}: {what}[{name!r}] is complex ({value.dtype}), the parameter {name!r} is real "
+                        f"({param.dtype})")
+    with torch.no_grad():
+        value = _local_part(value.detach(), param)
+        if value.is_floating_point() or value.is_complex():
+            finite = bool(torch.isfinite(value).all())
+            if not finite:
+                raise ValueError(f"{owner}: {what}[{name!r}] holds NaN or infinite values")
+        if what == "importance" and bool((value < 0).any()):
+            raise ValueError(f"{owner}: importance[{name!r}] holds negative values; an importance is >= 0 "
+                             "(e.g. torchreg.fisher_diagonal)")
+        local = _local(param)
+        copy = torch.empty_like(local, memory_format=torch.preserve_format)
+        copy.copy_(value)
+    return copy
+
+
+def _is_dtensor(t: Any) -> bool:
+    return hasattr(t, "placements") and hasattr(t, "to_local")
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2's parameters), or ``t``."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _local_part(value: Tensor, param: Tensor) -> Tensor:
+    """The part of ``value`` (the whole, unsharded tensor) that ``param``'s local shard holds."""
+    if not _is_dtensor(param):
+        return value.full_tensor() if _is_dtensor(value) else value
+    if _is_dtensor(value):
+        if value.device_mesh == param.device_mesh and tuple(value.placements) == tuple(param.placements):
+            return value.to_local()
+        value = value.full_tensor()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return value[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+
+
+# -- the centered maths --------------------------------------------------------------------------
+def _offset(param: Tensor, center: Optional[Tensor]) -> Tensor:
+    return param if center is None else param - center
+
+
+def l1_penalty(param: Tensor, center: Optional[Tensor]) -> Tensor:
+    """``sum |w - c|`` (``sum |w|`` without a center), with autograd graph."""
+    return _offset(param, center).abs().sum()
+
+
+def l2_penalty(param: Tensor, center: Optional[Tensor], importance: Optional[Tensor] = None) -> Tensor:
+    """``sum F * |w - c| ** 2`` (``F = 1`` without an importance), with autograd graph; no 1/2."""
+    d = _offset(param, center)
+    if importance is None:
+        return sum_of_squares(d)
+    return (importance * (d.abs() if d.is_complex() else d).pow(2)).sum()
+
+
+def add_l1_(grad: Tensor, param: Tensor, center: Optional[Tensor], coef: float, scale: Optional[Tensor]) -> None:
+    """``grad += coef * scale * sgn(w - c)`` in place."""
+    if coef:
+        add_scaled_(grad, torch.sgn(_offset(param, center)), coef, scale)
+
+
+def add_l2_(grad: Tensor, param: Tensor, center: Optional[Tensor], importance: Optional[Tensor], coef: float,
+            scale: Optional[Tensor]) -> None:
+    """``grad += coef * scale * F * (w - c)`` in place (one temporary: ``w - c``)."""
+    if not coef:
+        return
+    d = _offset(param, center)
+    if importance is not None:
+        d = d * importance if d is param else d.mul_(importance)
+    add_scaled_(grad, d, coef, scale)
+
+
+def shifted_(param: Tensor, center: Optional[Tensor], operator: Callable[[Tensor], None]) -> None:
+    """``param <- c + operator(param - c)`` in place (``operator`` acts in place): the proximal operator
+    of a penalty centered at ``c`` from the one centered at 0. A coordinate the operator sets to zero
+    becomes exactly ``c``."""
+    if center is None:
+        operator(param)
+        return
+    param.sub_(center)
+    operator(param)
+    param.add_(center)
