@@ -195,3 +195,125 @@ def shifted_(param: Tensor, center: Optional[Tensor], operator: Callable[[Tensor
     param.sub_(center)
     operator(param)
     param.add_(center)
+
+
+# -- the regularizers' side ----------------------------------------------------------------------
+class Given:
+    """A mapping or module given as ``center=`` / ``importance=``, held by the rule until it is applied.
+    Its repr is short (the repr of a state_dict or model is pages long)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return describe_reference(self.value)
+
+    def __reduce__(self) -> Any:  # a copy of the rule copies the mapping or module it holds
+        return (Given, (self.value,))
+
+
+class Released:
+    """What a rule's ``center`` / ``importance`` becomes once the rule is applied: the tensors now live
+    as the covered parameters' state, and the user's mapping or module is no longer referenced."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+
+    def __repr__(self) -> str:
+        return f"<{self.description.strip('<>')}, copied when applied>"
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Released) and other.description == self.description
+
+    def __hash__(self) -> int:
+        return hash(self.description)
+
+
+class Anchored:
+    """``center=`` (and with ``_has_importance``, ``importance=``) for a separable penalty.
+
+    The rule holds what it was given until it is applied; :meth:`init_state` then copies, for every
+    covered parameter, its anchor (and importance) as that parameter's state, and the rule lets go of
+    the mapping or module (:class:`Released`): one copy per parameter is all that is kept.
+    """
+
+    _has_importance = False
+
+    def _init_anchor(self, center: Any, importance: Any = None) -> None:
+        owner = type(self).__name__
+        center = center.value if isinstance(center, Given) else center
+        importance = importance.value if isinstance(importance, Given) else importance
+        if not isinstance(center, Released):  # (a copy of an applied rule, by deepcopy or pickle)
+            center = check_center(center, owner)
+        if not isinstance(importance, Released):
+            importance = check_importance(importance, center, owner)
+        self.__dict__["center"] = Given(center) if isinstance(center, (Mapping, nn.Module)) else center
+        self.__dict__["importance"] = Given(importance) if importance is not None and not isinstance(
+            importance, Released) else importance
+
+    @property
+    def center(self) -> Any:
+        """``None`` (toward 0), ``"init"``, or the mapping or module given, until the rule is applied
+        (then the anchors are the covered parameters' state, and this is a placeholder)."""
+        value = self.__dict__["center"]
+        return value.value if isinstance(value, Given) else value
+
+    @property
+    def importance(self) -> Any:
+        """``None`` or the mapping given, until the rule is applied (as :attr:`center`)."""
+        value = self.__dict__["importance"]
+        return value.value if isinstance(value, Given) else value
+
+    def _with_anchor(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """``kwargs`` (the constructor's, without the anchor) with ``center`` and ``importance`` after the
+        strengths; a mapping or module as :class:`Given` (a short repr)."""
+        strengths = {k: v for k, v in kwargs.items() if k in self._strengths}  # type: ignore[attr-defined]
+        anchor = {k: self.__dict__[k] for k in ("center", "importance") if self.__dict__[k] is not None}
+        return {**strengths, **anchor, **{k: v for k, v in kwargs.items() if k not in strengths}}
+
+    def _applied_to(self, params: Any) -> None:
+        super()._applied_to(params)  # type: ignore[misc]
+        self._release()
+
+    def init_state(self, name: str, param: Tensor) -> Optional[Dict[str, Tensor]]:
+        """``{"center": c}`` (and ``"importance": F``) for the parameter ``name``: fresh copies with the
+        parameter's shape, dtype and device; ``None`` without a center. Raises before anything changes."""
+        center, importance = self.center, self.importance
+        if center is None:
+            return None
+        owner = repr(self)
+        if isinstance(center, Released) or isinstance(importance, Released):
+            raise ValueError(
+                f"{owner} was applied already: it copied its anchors into the parameters it regularizes and keeps "
+                "no reference to the mapping or module it was given. Build the rule again with center=... "
+                "(and importance=...) to apply it to other parameters"
+            )
+        if isinstance(param, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"{owner}: the parameter {name!r} is not initialized yet (a lazy module), so it has no anchor; run "
+                "a forward pass (or initialize the lazy module) before applying a rule with center="
+            )
+        tables = self.__dict__.setdefault("_tables", {})
+        state = {"center": lookup(center, name, param, "center", owner, _table(center, tables))}
+        if importance is not None:
+            state["importance"] = lookup(importance, name, param, "importance", owner, _table(importance, tables))
+        return state
+
+    def _release(self) -> None:
+        """Forget the mapping or module given (after the rule is applied)."""
+        self.__dict__.pop("_tables", None)
+        for key in ("center", "importance"):
+            value = self.__dict__[key]
+            if isinstance(value, Given):
+                self.__dict__[key] = Released(describe_reference(value.value))
+
+
+def _table(source: Any, tables: Dict[int, Any]) -> Any:
+    """``source`` itself (a mapping) or its ``dict(named_parameters())`` (a module), built once per
+    application; ``None`` for ``"init"``."""
+    if not isinstance(source, nn.Module):
+        return None if isinstance(source, str) else source
+    key = id(source)
+    if key not in tables:
+        tables[key] = dict(source.named_parameters())
+    return tables[key]

@@ -21,12 +21,13 @@ rule for :func:`torchreg.apply_regularization` that can also be applied later wi
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple, Type, TypeVar, overload
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple, Type, TypeVar, Union, overload
 
 import torch
 from torch import Tensor, nn
 
 from . import _engine
+from ._anchor import Anchored, add_l1_, add_l2_, l1_penalty, l2_penalty, shifted_
 from ._ops import _FLOAT16_MAX
 from ._ops import (
     Adder, add_elastic_, add_scaled_, add_sign_, elastic_adder, nothing, scaled_adder, sign_adder, sum_of_squares,
@@ -37,6 +38,10 @@ from ._validate import check_hookable, check_strength, describe, largest
 __all__ = ["Regularizer", "L1", "L2", "ElasticNet", "GroupLasso", "Orthogonal"]
 
 M = TypeVar("M", bound=nn.Module)
+#: ``center=``: None (toward 0), "init" (the value when applied), {name: tensor} or a module.
+Center = Union[None, str, Mapping[str, Tensor], nn.Module]
+#: ``importance=``: None or {name: tensor >= 0} (e.g. :func:`torchreg.fisher_diagonal`).
+Importance = Optional[Mapping[str, Tensor]]
 R = TypeVar("R", bound="Regularizer")
 
 
@@ -286,7 +291,7 @@ def _soft_threshold_(p: Tensor, step: Any, lam: float) -> None:
     torch.copysign(shrunk.clamp_(min=0), p, out=p)
 
 
-class L1(_OneStrength):
+class L1(Anchored, _OneStrength):
     """L1 (lasso) regularization: adds ``lam * sign(w)`` to each selected weight's gradient.
 
     The penalty is ``lam * sum(|w|)``; ``sign(0) = 0``, as autograd's gradient of ``abs``.
@@ -349,35 +354,49 @@ class L1(_OneStrength):
     """
 
     @overload
-    def __new__(cls, module: M, lam: float, *, proximal: bool = False, params: Selection = None) -> M: ...
+    def __new__(cls, module: M, lam: float, *, center: Center = None, proximal: bool = False,
+                params: Selection = None) -> M: ...
     @overload
-    def __new__(cls, lam: float, *, proximal: bool = False, params: Selection = None) -> "L1": ...
+    def __new__(cls, lam: float, *, center: Center = None, proximal: bool = False,
+                params: Selection = None) -> "L1": ...
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         return super().__new__(cls, *args, **kwargs)
 
-    def __init__(self, lam: float, *, proximal: bool = False, params: Selection = None) -> None:
+    def __init__(self, lam: float, *, center: Center = None, proximal: bool = False,
+                 params: Selection = None) -> None:
         super().__init__(lam, params=params)
         self._init_proximal(proximal)
+        self._init_anchor(center)
 
-    def penalty(self, param: Tensor) -> Tensor:
-        return self.lam * param.abs().sum()
+    def _kwargs(self) -> Dict[str, Any]:
+        return self._with_anchor(super()._kwargs())
 
-    def prox_(self, param: Tensor, step: Any) -> None:
-        """``param <- sgn(param) * max(|param| - step * lam, 0)`` (soft thresholding), in place."""
-        if self.lam:
-            _soft_threshold_(param, step, self.lam)
+    def penalty(self, param: Tensor, state: Optional[Dict[str, Tensor]] = None) -> Tensor:
+        return self.lam * l1_penalty(param, None if state is None else state["center"])
 
-    def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
-        if self.lam:
+    def prox_(self, param: Tensor, step: Any, state: Optional[Dict[str, Tensor]] = None) -> None:
+        """``param <- c + sgn(param - c) * max(|param - c| - step * lam, 0)`` (soft thresholding around
+        the center ``c``, 0 without one), in place: the coordinates it thresholds become exactly ``c``."""
+        if self.lam and (isinstance(step, Tensor) or step > 0):
+            shifted_(param, None if state is None else state["center"],
+                     lambda d: _soft_threshold_(d, step, self.lam))
+
+    def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None,
+              state: Optional[Dict[str, Tensor]] = None) -> None:
+        if not self.lam:
+            return
+        if state is None:
             add_sign_(grad, param, self.lam * alpha, scale)
+        else:
+            add_l1_(grad, param, state["center"], self.lam * alpha, scale)
 
     def _adder(self, alpha: float, scale: Optional[Tensor]) -> Optional[Adder]:
-        if type(self).grad_ is not L1.grad_ or self.lam * alpha > _SMALLEST_MAX:
+        if type(self).grad_ is not L1.grad_ or self.lam * alpha > _SMALLEST_MAX or self.center is not None:
             return None
         return sign_adder(self.lam * alpha, scale) if self.lam else nothing
 
 
-class L2(_OneStrength):
+class L2(Anchored, _OneStrength):
     """L2 regularization (weight decay): adds ``lam * w`` to each selected weight's gradient.
 
     The penalty is ``lam / 2 * sum(w ** 2)``, so that the gradient equals ``torch.optim``'s
@@ -407,20 +426,46 @@ class L2(_OneStrength):
         tensor(0.2500)
     """
 
-    def penalty(self, param: Tensor) -> Tensor:
-        return self.lam / 2 * sum_of_squares(param)
+    _has_importance = True
 
-    def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
-        if self.lam:
+    @overload
+    def __new__(cls, module: M, lam: float, *, center: Center = None, importance: Importance = None,
+                params: Selection = None) -> M: ...
+    @overload
+    def __new__(cls, lam: float, *, center: Center = None, importance: Importance = None,
+                params: Selection = None) -> "L2": ...
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return super().__new__(cls, *args, **kwargs)
+
+    def __init__(self, lam: float, *, center: Center = None, importance: Importance = None,
+                 params: Selection = None) -> None:
+        super().__init__(lam, params=params)
+        self._init_anchor(center, importance)
+
+    def _kwargs(self) -> Dict[str, Any]:
+        return self._with_anchor(super()._kwargs())
+
+    def penalty(self, param: Tensor, state: Optional[Dict[str, Tensor]] = None) -> Tensor:
+        if state is None:
+            return self.lam / 2 * sum_of_squares(param)
+        return self.lam / 2 * l2_penalty(param, state["center"], state.get("importance"))
+
+    def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None,
+              state: Optional[Dict[str, Tensor]] = None) -> None:
+        if not self.lam:
+            return
+        if state is None:
             add_scaled_(grad, param, self.lam * alpha, scale)
+        else:
+            add_l2_(grad, param, state["center"], state.get("importance"), self.lam * alpha, scale)
 
     def _adder(self, alpha: float, scale: Optional[Tensor]) -> Optional[Adder]:
-        if type(self).grad_ is not L2.grad_ or self.lam * alpha > _SMALLEST_MAX:
+        if type(self).grad_ is not L2.grad_ or self.lam * alpha > _SMALLEST_MAX or self.center is not None:
             return None
         return scaled_adder(self.lam * alpha, scale) if self.lam else nothing
 
 
-class ElasticNet(Regularizer):
+class ElasticNet(Anchored, Regularizer):
     """Elastic-net regularization: adds ``l1 * sign(w) + l2 * w`` to each selected weight's gradient.
 
     The penalty is ``l1 * sum(|w|) + l2 / 2 * sum(w ** 2)`` (L2 in ``torch.optim``'s convention).
@@ -459,34 +504,54 @@ class ElasticNet(Regularizer):
     l2 = _strength("l2")
 
     @overload
-    def __new__(cls, module: M, l1: float, l2: float, *, proximal: bool = False, params: Selection = None) -> M: ...
+    def __new__(cls, module: M, l1: float, l2: float, *, center: Center = None, proximal: bool = False,
+                params: Selection = None) -> M: ...
     @overload
-    def __new__(cls, l1: float, l2: float, *, proximal: bool = False, params: Selection = None) -> "ElasticNet": ...
+    def __new__(cls, l1: float, l2: float, *, center: Center = None, proximal: bool = False,
+                params: Selection = None) -> "ElasticNet": ...
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         return super().__new__(cls, *args, **kwargs)
 
-    def __init__(self, l1: float, l2: float, *, proximal: bool = False, params: Selection = None) -> None:
+    def __init__(self, l1: float, l2: float, *, center: Center = None, proximal: bool = False,
+                 params: Selection = None) -> None:
         self.l1 = l1
         self.l2 = l2
         self._init_proximal(proximal)
         self._init_selection(params)
+        self._init_anchor(center)
 
-    def prox_(self, param: Tensor, step: Any) -> None:
-        """``param <- soft(param, step * l1) / (1 + step * l2)``, in place."""
-        if self.l1:
-            _soft_threshold_(param, step, self.l1)
-        if self.l2:
-            param.div_(step * self.l2 + 1)
+    def _kwargs(self) -> Dict[str, Any]:
+        return self._with_anchor(super()._kwargs())
 
-    def penalty(self, param: Tensor) -> Tensor:
-        return self.l1 * param.abs().sum() + self.l2 / 2 * sum_of_squares(param)
+    def prox_(self, param: Tensor, step: Any, state: Optional[Dict[str, Tensor]] = None) -> None:
+        """``param <- c + soft(param - c, step * l1) / (1 + step * l2)`` (``c`` the center, 0 without
+        one), in place."""
+        if not (self.l1 or self.l2) or (not isinstance(step, Tensor) and step <= 0):
+            return
 
-    def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
-        add_elastic_(grad, param, self.l1 * alpha, self.l2 * alpha, scale)
+        def centered_(d: Tensor) -> None:
+            if self.l1:
+                _soft_threshold_(d, step, self.l1)
+            if self.l2:
+                d.div_(step * self.l2 + 1)
+
+        shifted_(param, None if state is None else state["center"], centered_)
+
+    def penalty(self, param: Tensor, state: Optional[Dict[str, Tensor]] = None) -> Tensor:
+        center = None if state is None else state["center"]
+        return self.l1 * l1_penalty(param, center) + self.l2 / 2 * l2_penalty(param, center)
+
+    def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None,
+              state: Optional[Dict[str, Tensor]] = None) -> None:
+        if state is None:
+            add_elastic_(grad, param, self.l1 * alpha, self.l2 * alpha, scale)
+        else:
+            add_l2_(grad, param, state["center"], None, self.l2 * alpha, scale)
+            add_l1_(grad, param, state["center"], self.l1 * alpha, scale)
 
     def _adder(self, alpha: float, scale: Optional[Tensor]) -> Optional[Adder]:
         l1, l2 = self.l1 * alpha, self.l2 * alpha
-        if type(self).grad_ is not ElasticNet.grad_ or max(l1, l2) > _SMALLEST_MAX:
+        if type(self).grad_ is not ElasticNet.grad_ or max(l1, l2) > _SMALLEST_MAX or self.center is not None:
             return None
         if l1 and l2:
             return elastic_adder(l1, l2, scale)
