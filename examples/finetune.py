@@ -22,8 +22,8 @@ is fine-tuned on them:
   pretrained values, and the fine-tune is a sparse change (``torchreg.sparsity`` counts the weights
   equal to their center).
 
-It prints the target test MSE, the distance of the body's weights from the pretrained ones, and the
-fraction of them left exactly at their pretrained values.
+It prints the target test MSE, the distance of the body's weights from the pretrained ones (the
+Frobenius norm of the change), and the fraction of them left exactly at their pretrained values.
 
 Run: python examples/finetune.py   (a few seconds on 2 CPU cores; --steps N to change the length)
 """
@@ -106,7 +106,9 @@ def run(steps: int = 400, quiet: bool = False) -> Dict[str, Dict[str, float]]:
     pretrained = pretrain(steps + steps // 2)
     x, y = make_data(40, 1, seed=3, readout_seed=11, noise=0.5)
     x_test, y_test = make_data(2000, 1, seed=4, readout_seed=11, noise=0.0)
-    body = {name: p.detach().clone() for name, p in pretrained.named_parameters() if name.startswith("body.")}
+    # the body's weights: what the rules regularize (biases are not, by default)
+    body = {name: p.detach().clone() for name, p in pretrained.named_parameters()
+            if name.startswith("body.") and name.endswith(".weight")}
     results: Dict[str, Dict[str, float]] = {}
     if not quiet:
         print(f"{'variant':<14} {'test MSE':>8} {'distance from pretrained':>24} {'unchanged weights':>17}")
