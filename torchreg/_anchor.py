@@ -151,8 +151,19 @@ def _local_part(value: Tensor, param: Tensor) -> Tensor:
 
 
 # -- the centered maths --------------------------------------------------------------------------
+def _like(t: Tensor, param: Tensor) -> Tensor:
+    """``t`` (a parameter's state: its local shard under FSDP2) as a tensor that combines with ``param``:
+    itself, or for a DTensor ``param`` the DTensor of which ``t`` is this rank's shard (no communication)."""
+    if not _is_dtensor(param) or _is_dtensor(t):
+        return t
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(t, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
+
+
 def _offset(param: Tensor, center: Optional[Tensor]) -> Tensor:
-    return param if center is None else param - center
+    return param if center is None else param - _like(center, param)
 
 
 def l1_penalty(param: Tensor, center: Optional[Tensor]) -> Tensor:
@@ -165,7 +176,7 @@ def l2_penalty(param: Tensor, center: Optional[Tensor], importance: Optional[Ten
     d = _offset(param, center)
     if importance is None:
         return sum_of_squares(d)
-    return (importance * (d.abs() if d.is_complex() else d).pow(2)).sum()
+    return (_like(importance, param) * (d.abs() if d.is_complex() else d).pow(2)).sum()
 
 
 def add_l1_(grad: Tensor, param: Tensor, center: Optional[Tensor], coef: float, scale: Optional[Tensor]) -> None:
@@ -181,6 +192,7 @@ def add_l2_(grad: Tensor, param: Tensor, center: Optional[Tensor], importance: O
         return
     d = _offset(param, center)
     if importance is not None:
+        importance = _like(importance, param)
         d = d * importance if d is param else d.mul_(importance)
     add_scaled_(grad, d, coef, scale)
 
