@@ -310,15 +310,21 @@ def test_one_copy_per_parameter_and_nothing_of_the_users_objects_is_kept() -> No
 def test_anchors_follow_dtype_and_device() -> None:
     model, reference, penalty = setup("EWC", "state_dict")
     want = float(penalty().detach())
-    model.half()
-    for state in states(model).values():
-        assert all(t.dtype == torch.float16 for t in state.values())
+    model.half()  # the anchors follow at their first use (the engine converts them once)
     assert torchreg.penalty(model).dtype == torch.float16
     torch.testing.assert_close(float(torchreg.penalty(model)), want, rtol=2e-2, atol=1e-3)
+    for state in states(model).values():  # converted, not kept twice
+        assert all(t.dtype == torch.float16 for t in state.values())
+    x, y = batch()
+    loss_fn(model, x.half(), y.half()).backward()
+    grad = model[0].weight.grad.clone()
     model.double()
-    model.to("cpu")
+    for p in model.parameters():
+        p.grad = None
+    loss_fn(model, x, y).backward()
     for state in states(model).values():
         assert all(t.dtype == torch.float64 for t in state.values())
+    torch.testing.assert_close(model[0].weight.grad.half(), grad, rtol=2e-2, atol=2e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

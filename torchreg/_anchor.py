@@ -26,7 +26,7 @@ from ._ops import add_scaled_, sum_of_squares
 from ._validate import describe
 
 __all__ = [
-    "INIT", "add_l1_", "add_l2_", "check_center", "check_importance", "describe_reference", "l1_penalty",
+    "INIT", "add_l1_", "add_l2_", "at_center", "check_center", "check_importance", "describe_reference", "l1_penalty",
     "l2_penalty", "lookup", "shifted_",
 ]
 
@@ -164,6 +164,11 @@ def _like(t: Tensor, param: Tensor) -> Tensor:
 
 def _offset(param: Tensor, center: Optional[Tensor]) -> Tensor:
     return param if center is None else param - _like(center, param)
+
+
+def at_center(param: Tensor, center: Tensor) -> int:
+    """How many elements of ``param`` equal their center exactly."""
+    return int((param == _like(center, param)).sum())
 
 
 def l1_penalty(param: Tensor, center: Optional[Tensor]) -> Tensor:

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _activity_engine, _engine
+from ._anchor import at_center
+from ._tracking import is_lazy, state_kw
 from ._select import EXCLUDED, default_weights
 from ._validate import check_module
 
@@ -160,9 +162,9 @@ def summary(module: nn.Module) -> Summary:
                 owner = unit.root.get_submodule(path)
                 r = row(path, type(owner).__name__, entry.origin or "-", repr(entry.rule))
                 r["parameters"].append(leaf)
-                if not _engine._is_lazy(entry.param):
+                if not is_lazy(entry.param):
                     r["numel"] += entry.param.numel()
-                    r["penalty"] = (r["penalty"] or 0.0) + float(entry.rule.penalty(entry.param))
+                    r["penalty"] = (r["penalty"] or 0.0) + float(unit.entry_penalty(entry))
         for skip in unit.skipped:
             row(skip.name, skip.module_type, skip.origin, None)["note"] = skip.reason
         order = {name: i for i, (name, _) in enumerate(unit.root.named_modules())}
@@ -195,7 +197,7 @@ def _uncovered(module: nn.Module) -> List[Dict[str, Any]]:
         group = groups.setdefault(type(owner), dict(type=type(owner).__name__, count=0, numel=0, frozen=0,
                                                      parameters=[]))
         group["count"] += 1
-        group["numel"] += 0 if _engine._is_lazy(p) else p.numel()
+        group["numel"] += 0 if is_lazy(p) else p.numel()
         group["frozen"] += not p.requires_grad
         group["parameters"].append(name)
     return list(groups.values())
@@ -206,7 +208,8 @@ class Sparsity:
     :attr:`total` the same keys summed over them.
 
     Each record has the keys ``parameter`` (qualified name), ``regularizer`` (its repr), ``numel``,
-    ``zeros`` (elements exactly 0), ``zero_fraction``, and for a group regularizer ``groups``,
+    ``zeros`` (elements exactly 0; for a rule with a ``center=``, elements exactly equal to their
+    center), ``zero_fraction``, and for a group regularizer ``groups``,
     ``zero_groups`` and ``zero_group_fraction`` (``None`` otherwise).
     """
 
@@ -253,7 +256,9 @@ def sparsity(module: nn.Module) -> Sparsity:
     enclosing module), in the order of ``module.named_parameters()``, and a total. A group regularizer
     (:class:`torchreg.GroupLasso`) also counts its groups that are exactly zero (a pruned neuron, or
     input feature). Counts are exact: ``w == 0``, no tolerance (proximal regularization makes exact
-    zeros; a gradient term leaves weights oscillating near zero).
+    zeros; a gradient term leaves weights oscillating near zero). For a rule toward an anchor
+    (``center=``) the zeros are of ``w - c``: the weights exactly at their center (a proximal L1 with a
+    center leaves most weights exactly at their pretrained values).
 
     Example::
 
@@ -271,17 +276,19 @@ def sparsity(module: nn.Module) -> Sparsity:
     covered: Dict[int, Any] = {}
     for unit in _engine.units_in(module):
         for entry in unit.entries:
-            covered.setdefault(id(entry.param), entry.rule)
+            covered.setdefault(id(entry.param), entry)
     records: List[Dict[str, Any]] = []
     with torch.no_grad():
         for name, p in module.named_parameters():
-            rule = covered.get(id(p))
-            if rule is None:
+            entry = covered.get(id(p))
+            if entry is None:
                 unit = _engine.owner_of(p)  # regularized by a call on an enclosing module
-                rule = next((e.rule for e in unit.entries if e.param is p), None) if unit is not None else None
-            if rule is None or _engine._is_lazy(p):
+                entry = next((e for e in unit.entries if e.param is p), None) if unit is not None else None
+            if entry is None or is_lazy(p):
                 continue
-            zeros = int((p == 0).sum())
+            rule = entry.rule
+            center = state_kw(entry, p).get("state", {}).get("center")  # a rule toward an anchor (center=)
+            zeros = int((p == 0).sum()) if center is None else at_center(p, center)
             record: Dict[str, Any] = dict(parameter=name, regularizer=repr(rule), numel=p.numel(), zeros=zeros,
                                           zero_fraction=zeros / p.numel() if p.numel() else 0.0,
                                           groups=None, zero_groups=None, zero_group_fraction=None)
