@@ -27,7 +27,7 @@ ROWS = 8  # per rank and step
 
 def build(seed: int = 5) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))  # 3 rows: uneven shards
 
 
 def pretrained() -> nn.Module:
@@ -73,7 +73,7 @@ CASES = [
 
 def batch(step: int) -> Any:
     g = torch.Generator().manual_seed(50 + step)
-    return torch.randn(WORLD * ROWS, 6, generator=g), torch.randn(WORLD * ROWS, 4, generator=g)
+    return torch.randn(WORLD * ROWS, 6, generator=g), torch.randn(WORLD * ROWS, 3, generator=g)
 
 
 def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

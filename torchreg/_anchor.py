@@ -144,10 +144,13 @@ def _local_part(value: Tensor, param: Tensor) -> Tensor:
         if value.device_mesh == param.device_mesh and tuple(value.placements) == tuple(param.placements):
             return value.to_local()
         value = value.full_tensor()
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor import distribute_tensor
 
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    return value[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+    try:  # each rank takes its part of its own copy: no communication
+        whole = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+    except TypeError:  # torch < 2.5: rank 0's copy is scattered (every rank applies the rule: a collective)
+        whole = distribute_tensor(value, param.device_mesh, param.placements)
+    return whole.to_local()
 
 
 # -- the centered maths --------------------------------------------------------------------------

@@ -288,7 +288,10 @@ def _soft_threshold_(p: Tensor, step: Any, lam: float) -> None:
 class L1(Anchored, _OneStrength):
     """L1 (lasso) regularization: adds ``lam * sign(w)`` to each selected weight's gradient.
 
-    The penalty is ``lam * sum(|w|)``; ``sign(0) = 0``, as autograd's gradient of ``abs``.
+    The penalty is ``lam * sum(|w|)``; ``sign(0) = 0``, as autograd's gradient of ``abs``. With a
+    center ``c`` (``center=``) it is ``lam * sum(|w - c|)``, the gradient ``lam * sign(w - c)``, and the
+    proximal operator ``c + soft(w - c, t * lam)``: the weights it thresholds land exactly on their
+    center (sparse fine-tuning deltas).
 
     Args:
         module: the layer (or whole model) to regularize. Omit it to get a rule for
@@ -296,6 +299,15 @@ class L1(Anchored, _OneStrength):
         lam: strength, a finite number >= 0, at most the largest value of the regularized
             parameters' dtype (65504 for float16). May be changed later (``rule.lam = ...``): the new
             value applies from the next backward.
+        center: keyword only; the anchor the penalty pulls toward. ``None`` (default): 0.
+            ``"init"``: each weight's value when the rule is applied. A mapping from parameter names
+            (as ``named_parameters()`` of the module the rule is applied to) to tensors of the same
+            shapes, e.g. a pretrained model's ``state_dict()``; or an ``nn.Module`` with those
+            parameter names (the pretrained model). The anchors are copied once per parameter when
+            the rule is applied (then the rule keeps no reference to the mapping or module; a rule
+            with one is applied once), follow the parameter's device and dtype, and are not in
+            ``state_dict()``: to resume from a checkpoint, apply the rule again with the same
+            ``center=``.
         proximal: keyword only. ``False`` (default): add ``lam * sign(w)`` at backward. ``True``: add
             nothing at backward; after every step of a ``torch.optim`` SGD, Adam or AdamW optimizer
             holding the weight, soft-threshold it, ``w <- sign(w) * max(|w| - t * lam, 0)``, with the
@@ -317,7 +329,9 @@ class L1(Anchored, _OneStrength):
         TypeError: ``module`` is not a module instance (a class: instantiate it; ``None``; a
             TorchScript module: regularize before scripting), or ``lam`` is no number.
         ValueError: ``lam`` is negative, NaN, infinite or beyond the parameters' dtype; the selection
-            matches no parameter; or a parameter is regularized already. Nothing is changed then.
+            matches no parameter; a parameter is regularized already; ``center`` is a string other
+            than ``"init"``, has no tensor for a selected parameter, or one of another shape. Nothing
+            is changed then.
 
     Example::
 
@@ -345,6 +359,18 @@ class L1(Anchored, _OneStrength):
         >>> layer.weight
         Parameter containing:
         tensor([[ 0.0000, -1.5000]], requires_grad=True)
+
+    Toward an anchor (here the weights' values when the rule is applied)::
+
+        >>> layer = torchreg.L1(torch.nn.Linear(2, 1, bias=False), lam=1.0, center="init", proximal=True)
+        >>> anchor = layer.weight.detach().clone()
+        >>> opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+        >>> layer(torch.ones(1, 2)).sum().backward()      # data gradient 1: a step of -0.5
+        >>> opt.step()                                    # then soft(w - c, 0.5): back to c
+        >>> torch.equal(layer.weight, anchor)
+        True
+        >>> torchreg.L1(1e-4, center="init", proximal=True)
+        L1(lam=0.0001, center='init', proximal=True)
     """
 
     @overload
@@ -395,10 +421,19 @@ class L2(Anchored, _OneStrength):
 
     The penalty is ``lam / 2 * sum(w ** 2)``, so that the gradient equals ``torch.optim``'s
     ``weight_decay=lam``. Keras' ``l2(lam)`` penalizes ``lam * sum(w ** 2)``: use ``L2(2 * lam)``.
+    Toward an anchor ``c`` (``center=``): ``lam / 2 * sum((w - c) ** 2)``, gradient ``lam * (w - c)``
+    (L2-SP, for fine-tuning); with an importance ``F`` (``importance=``):
+    ``lam / 2 * sum(F * (w - c) ** 2)``, gradient ``lam * F * (w - c)`` (EWC, for continual learning;
+    ``F`` from :func:`torchreg.fisher_diagonal`).
 
     Args:
         module: the layer (or whole model) to regularize. Omit it to get a rule.
         lam: strength, a finite number >= 0; may be changed later (``rule.lam = ...``).
+        center: keyword only; ``None`` (default, toward 0), ``"init"``, a mapping from parameter names
+            to tensors (a ``state_dict()``) or an ``nn.Module``; see :class:`L1`.
+        importance: keyword only; ``None`` (default) or a mapping from parameter names to tensors
+            ``>= 0`` of the parameters' shapes, copied once per parameter as the center is; needs a
+            ``center``.
         params: which parameters; see :class:`L1`.
 
     Returns:
@@ -418,6 +453,18 @@ class L2(Anchored, _OneStrength):
         tensor([[ 0.1000, -0.2000]])
         >>> torchreg.penalty(layer)                      # 0.1 / 2 * (1 + 4)
         tensor(0.2500)
+
+    L2-SP toward pretrained weights, the new head left out by a ``None`` rule::
+
+        >>> from torch import nn
+        >>> pretrained = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5))
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))   # a new head: 2 outputs
+        >>> _ = model[0].load_state_dict(pretrained[0].state_dict())
+        >>> model = torchreg.apply_regularization(model, {"2": None, nn.Linear: torchreg.L2(1e-2, center=pretrained)})
+        >>> torchreg.penalty(model)                      # at the anchor
+        tensor(0.)
+        >>> torchreg.L2(1.0, center="init", importance={"0.weight": torch.ones(4, 3)})
+        L2(lam=1.0, center='init', importance=<dict of 1>)
     """
 
     _has_importance = True
@@ -473,6 +520,9 @@ class ElasticNet(Anchored, Regularizer):
             ``t`` of :class:`L1`'s proximal mode (exact zeros; the fixed point is the minimizer of
             ``loss + penalty``, as scikit-learn's ``ElasticNet(alpha, l1_ratio)`` with
             ``l1 = alpha * l1_ratio`` and ``l2 = alpha * (1 - l1_ratio)``).
+        center: keyword only; the anchor both terms pull toward (``w - c`` in place of ``w``; the
+            proximal operator becomes ``c + soft(w - c, t * l1) / (1 + t * l2)``); ``None`` (default),
+            ``"init"``, a mapping or a module, see :class:`L1`.
         params: which parameters; see :class:`L1`.
 
     Returns:
