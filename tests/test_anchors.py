@@ -14,7 +14,7 @@ import gc
 import io
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict
 
 import numpy as np
 import pytest
@@ -56,7 +56,6 @@ def importance_of(model: nn.Module, seed: int = 7) -> Dict[str, Tensor]:
 
 
 # name -> (rule from (center, importance), explicit penalty from (weights, centers, importance))
-Explicit = Callable[[Dict[str, Tensor], Dict[str, Tensor], Dict[str, Tensor]], Tensor]
 CASES: Dict[str, Any] = {
     "L1": (lambda c, f: torchreg.L1(0.3, center=c),
            lambda w, c, f: sum(0.3 * (w[k] - c[k]).abs().sum() for k in WEIGHTS)),
@@ -176,7 +175,7 @@ OPTIMIZERS = {
 }
 
 
-def fit(layer: nn.Module, opt_name: str, x: Tensor, y: Tensor) -> float:
+def fit(layer: nn.Module, opt_name: str, x: Tensor, y: Tensor) -> None:
     make, steps = OPTIMIZERS[opt_name]
     opt = make(layer.parameters())
     for _ in range(steps):
@@ -464,7 +463,8 @@ def test_config_carries_center_init_only() -> None:
 
 def test_repr() -> None:
     assert repr(torchreg.L2(0.1, center="init")) == "L2(lam=0.1, center='init')"
-    assert repr(torchreg.L1(0.1, center=make_model(), proximal=True)) == "L1(lam=0.1, center=<Sequential>, proximal=True)"
+    assert repr(torchreg.L1(0.1, center=make_model(), proximal=True)) == (
+        "L1(lam=0.1, center=<Sequential>, proximal=True)")
     assert repr(torchreg.L2(0.1, center=make_model().state_dict(), importance={"a": torch.ones(1)})) == (
         "L2(lam=0.1, center=<OrderedDict of 4>, importance=<dict of 1>)")
     assert repr(torchreg.ElasticNet(0.1, 0.2, center="init", params="*")) == (
