@@ -469,3 +469,23 @@ def test_repr() -> None:
         "L2(lam=0.1, center=<OrderedDict of 4>, importance=<dict of 1>)")
     assert repr(torchreg.ElasticNet(0.1, 0.2, center="init", params="*")) == (
         "ElasticNet(l1=0.1, l2=0.2, center='init', params='*')")
+
+
+def test_center_the_models_own_state_dict_is_a_snapshot() -> None:
+    # state_dict() tensors share the parameters' storage: kept as they are, the anchor would move with
+    # the weights and the penalty would stay 0. It is copied: the same as center="init".
+    model = make_model()
+    torchreg.L2(model, 1.0, center=model.state_dict())
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    torch.testing.assert_close(torchreg.penalty(model), torch.tensor(0.5 * 24, dtype=torch.float64))
+
+
+def test_lazy_parameter_has_no_anchor_yet() -> None:
+    model = nn.Sequential(nn.LazyLinear(3))
+    with pytest.raises(ValueError, match=r"parameter '0.weight' is not initialized yet .*run a forward pass"):
+        torchreg.L2(model, 0.1, center="init")
+    assert_untouched(model)
+    model(torch.zeros(2, 4))
+    torchreg.L2(model, 0.1, center="init")
+    assert sorted(states(model)) == ["0.weight"]
