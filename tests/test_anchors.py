@@ -252,6 +252,9 @@ def test_finetune_example_smoke() -> None:
     results = _example("finetune").run(steps=150, quiet=True)
     assert set(results) == {"scratch", "plain", "L2 toward 0", "L2-SP", "sparse deltas"}
     assert results["L2-SP"]["distance"] < results["plain"]["distance"], results
+    assert results["L2-SP"]["test MSE"] < 0.7 * results["plain"]["test MSE"], (
+        f"target test MSE: L2-SP {results['L2-SP']['test MSE']:.3f}, plain fine-tuning "
+        f"{results['plain']['test MSE']:.3f}")
     assert results["sparse deltas"]["unchanged"] > 0.3, results
     assert results["plain"]["unchanged"] == 0.0, results
 

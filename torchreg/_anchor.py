@@ -228,9 +228,6 @@ class Given:
     def __repr__(self) -> str:
         return describe_reference(self.value)
 
-    def __reduce__(self) -> Any:  # a copy of the rule copies the mapping or module it holds
-        return (Given, (self.value,))
-
 
 class Released:
     """What a rule's ``center`` / ``importance`` becomes once the rule is applied: the tensors now live
