@@ -150,6 +150,9 @@ def test_errors_name_the_value() -> None:
         torchreg.fisher_diagonal(model, [(x, y[:3])], F.cross_entropy)
     with pytest.raises(ValueError, match=r"shape \(1,\) for one sample"):
         torchreg.fisher_diagonal(model, [(x, y)], lambda o, t: F.cross_entropy(o, t, reduction="none"))
+    active = nn.Sequential(torchreg.ActivityL1(nn.Linear(2, 2), 0.1))
+    with pytest.raises(ValueError, match=r"carries activity regularization \(on '0'\).*remove_regularization"):
+        torchreg.fisher_diagonal(active, [(x, y)], F.cross_entropy)
     for p in model.parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameter"):

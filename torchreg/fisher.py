@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, Iterable, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import _activity_engine, _registry
+
 __all__ = ["fisher_diagonal"]
 
 
@@ -44,6 +46,8 @@ def fisher_diagonal(
       (``model.eval()``), as after training a task; a BatchNorm layer in training mode (which mixes a
       batch's samples and updates running statistics) is refused with ``ValueError``. Dropout in
       training mode draws an independent mask per sample.
+    * Weight regularization applied by torchreg does not enter the result (the Fisher is of the loss
+      alone); activity regularization would (its hooks act on the outputs), and is refused.
     * Memory: the per-sample gradients of one batch exist at once (batch size times the trainable
       parameters); use smaller batches to use less.
 
@@ -61,7 +65,8 @@ def fisher_diagonal(
         TypeError: ``model`` is no ``nn.Module``, ``loss_fn`` is not callable, a batch is not an
             ``(inputs, targets)`` pair, or the loss is not a tensor.
         ValueError: no trainable parameter, no sample in ``batches``, a BatchNorm layer in training
-            mode, inputs and targets with different numbers of samples, or a loss that is not 0-dim.
+            mode, activity regularization on the model (its term would enter the Fisher), inputs and
+            targets with different numbers of samples, or a loss that is not 0-dim.
 
     Example::
 
@@ -91,6 +96,15 @@ def fisher_diagonal(
                 "where it mixes the samples of a batch or updates its running statistics, so per-sample "
                 "gradients are not defined; call model.eval() first"
             )
+    paths = {id(m): path for path, m in model.named_modules()}
+    activity = [repr(paths.get(id(entry.module), entry.name)) if paths.get(id(entry.module)) else "the model"
+                for unit in _registry.units_in(model, _activity_engine.KIND) for entry in unit.entries]
+    if activity:  # its forward hooks would add the output penalty's gradient to every sample's
+        raise ValueError(
+            f"fisher_diagonal: {type(model).__name__} carries activity regularization (on {', '.join(activity[:3])}"
+            f"{', ...' if len(activity) > 3 else ''}), whose term would enter the Fisher of the loss; compute the "
+            "Fisher before applying it, or after torchreg.remove_regularization(model)"
+        )
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError(f"fisher_diagonal: {type(model).__name__} has no trainable parameter (requires_grad=True)")
