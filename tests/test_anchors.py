@@ -492,3 +492,24 @@ def test_lazy_parameter_has_no_anchor_yet() -> None:
     model(torch.zeros(2, 4))
     torchreg.L2(model, 0.1, center="init")
     assert sorted(states(model)) == ["0.weight"]
+
+
+@pytest.mark.parametrize("path", ["checkpoint-reentrant", "backward-inputs", "compile"])
+def test_engine_paths_carry_the_state(path: str) -> None:
+    """The per-parameter state reaches the gradient term on the engine's other paths too."""
+    model, reference, penalty = setup("EWC", "state_dict")
+    x, y = batch()
+    if path == "checkpoint-reentrant":
+        x = x.clone().requires_grad_(True)
+        loss = F.mse_loss(torch.utils.checkpoint.checkpoint(model, x, use_reentrant=True), y)
+        loss.backward()
+        (loss_fn(reference, x, y) + penalty()).backward()
+    elif path == "backward-inputs":
+        loss_fn(model, x, y).backward(inputs=[model[2].weight])
+        (loss_fn(reference, x, y) + penalty()).backward(inputs=[reference[2].weight])
+        assert model[0].weight.grad is None and model[2].weight.grad is not None
+    else:
+        compiled = torch.compile(model, backend="aot_eager")
+        loss_fn(compiled, x, y).backward()
+        (loss_fn(reference, x, y) + penalty()).backward()
+    assert_same_grads(model, reference)
