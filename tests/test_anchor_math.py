@@ -124,7 +124,7 @@ def assert_matches_shifted(w: torch.Tensor, c: torch.Tensor, ref: np.ndarray, de
     at_center = got == c.numpy()
     assert (at_center == (delta == 0)).all(), f"coordinates at the center differ:\n{at_center}\n{delta == 0}"
     distance = np.abs(got - ref).max()
-    assert distance < TOL, f"distance to scikit-learn's shifted Lasso: {distance:.3g}"
+    assert distance < TOL, f"max distance to scikit-learn's solution of the shifted problem: {distance:.3g}"
     assert 0 < at_center.sum() < at_center.size  # the problem has both kinds of coordinates
 
 

@@ -16,7 +16,6 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Dict
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,18 +23,12 @@ from torch import Tensor, nn
 
 import torchreg
 from reference import assert_same_grads
+from test_anchor_math import D, assert_matches_shifted, shifted_lasso_reference, shifted_problem
+from test_prox import one_thread  # noqa: F401  (a fixture: one intra-op thread for these tiny problems)
 
 sklearn_lm = pytest.importorskip("sklearn.linear_model")
 
 WEIGHTS = ("0.weight", "2.weight")  # the default selection of make_model(): the two Linear weights
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -155,20 +148,6 @@ def test_center_none_is_todays_penalty() -> None:
 # ------------------------------------------------------------------------------------------------
 # proximal mode: scikit-learn on the shifted problem
 # ------------------------------------------------------------------------------------------------
-N, D, TOL = 100, 20, 1e-4
-
-
-def shifted_problem(seed: int = 0):
-    """Fine-tuning: pretrained weights ``c``; the truth is ``c`` plus a sparse change."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, D, generator=g, dtype=torch.float64)
-    c = torch.randn(D, generator=g, dtype=torch.float64)
-    delta = torch.zeros(D, dtype=torch.float64)
-    delta[:5] = torch.tensor([2.0, -1.5, 1.0, -0.5, 0.3], dtype=torch.float64)
-    y = x @ (c + delta) + 0.3 * torch.randn(N, generator=g, dtype=torch.float64)
-    return x, y[:, None], c
-
-
 OPTIMIZERS = {
     "sgd": (lambda p: torch.optim.SGD(p, lr=0.3), 400),
     "adam": (lambda p: torch.optim.Adam(p, lr=0.02), 1500),
@@ -184,26 +163,15 @@ def fit(layer: nn.Module, opt_name: str, x: Tensor, y: Tensor) -> None:
         opt.step()
 
 
-def check_shifted(layer: nn.Linear, c: Tensor, ref: np.ndarray, delta: np.ndarray) -> float:
-    got = layer.weight[0].detach().numpy()
-    at_center = got == c.numpy()
-    assert (at_center == (delta == 0)).all(), f"coordinates at the center differ:\n{at_center}\n{delta == 0}"
-    distance = float(np.abs(got - ref).max())
-    assert distance < TOL, f"max distance to scikit-learn's shifted solution: {distance:.3g}"
-    assert 0 < at_center.sum() < at_center.size
-    return distance
-
-
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 def test_proximal_l1_with_center_reaches_sklearn_shifted_lasso(opt: str) -> None:
     x, y, c = shifted_problem()
     alpha = 0.05
-    delta = sklearn_lm.Lasso(alpha=alpha, fit_intercept=False, tol=1e-12, max_iter=100_000).fit(
-        x.numpy(), (y[:, 0] - x @ c).numpy()).coef_
+    ref, delta = shifted_lasso_reference(x, y, c, alpha)
     torch.manual_seed(1)
     layer = torchreg.L1(nn.Linear(D, 1, bias=False).double(), alpha, center={"weight": c[None]}, proximal=True)
-    fit(layer, opt, x, y)
-    check_shifted(layer, c, c.numpy() + delta, delta)
+    fit(layer, opt, x, y[:, None])
+    assert_matches_shifted(layer.weight[0], c, ref, delta)
     # sparsity() counts the weights exactly at their center
     record = torchreg.sparsity(layer).records[0]
     assert record["zeros"] == int((delta == 0).sum()) and record["numel"] == D
@@ -214,15 +182,15 @@ def test_proximal_elasticnet_with_center_reaches_sklearn_shifted_elasticnet(opt:
     x, y, c = shifted_problem(seed=1)
     alpha, ratio = 0.08, 0.6
     delta = sklearn_lm.ElasticNet(alpha=alpha, l1_ratio=ratio, fit_intercept=False, tol=1e-12,
-                                  max_iter=100_000).fit(x.numpy(), (y[:, 0] - x @ c).numpy()).coef_
+                                  max_iter=100_000).fit(x.numpy(), (y - x @ c).numpy()).coef_
     torch.manual_seed(1)
     pretrained = nn.Linear(D, 1, bias=False).double()
     with torch.no_grad():
         pretrained.weight.copy_(c[None])
     layer = torchreg.ElasticNet(nn.Linear(D, 1, bias=False).double(), alpha * ratio, alpha * (1 - ratio),
                                 center=pretrained, proximal=True)
-    fit(layer, opt, x, y)
-    check_shifted(layer, c, c.numpy() + delta, delta)
+    fit(layer, opt, x, y[:, None])
+    assert_matches_shifted(layer.weight[0], c, c.numpy() + delta, delta)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -482,6 +450,18 @@ def test_center_the_models_own_state_dict_is_a_snapshot() -> None:
     with torch.no_grad():
         model[0].weight.add_(1.0)
     torch.testing.assert_close(torchreg.penalty(model), torch.tensor(0.5 * 24, dtype=torch.float64))
+
+
+def test_meta_parameters_and_meta_anchors_are_refused() -> None:
+    with torch.device("meta"):
+        meta = make_model()
+    with pytest.raises(ValueError, match=r"parameter '0.weight' is on the meta device .*materialize the model"):
+        torchreg.L2(meta, 0.1, center="init")
+    assert_untouched(meta)
+    model = make_model()
+    with pytest.raises(ValueError, match=r"center\['0.weight'\] is on the meta device"):
+        torchreg.L2(model, 0.1, center=meta)
+    assert_untouched(model)
 
 
 def test_lazy_parameter_has_no_anchor_yet() -> None:

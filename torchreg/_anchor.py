@@ -112,6 +112,8 @@ def lookup(source: Any, name: str, param: Tensor, what: str, owner: str,
     if value.is_complex() and not param.is_complex():
         raise TypeError(f"{owner}: {what}[{name!r}] is complex ({value.dtype}), the parameter {name!r} is real "
                         f"({param.dtype})")
+    if value.is_meta:
+        raise ValueError(f"{owner}: {what}[{name!r}] is on the meta device and holds no values")
     with torch.no_grad():
         value = _local_part(value.detach(), param)
         if value.is_floating_point() or value.is_complex():
@@ -309,6 +311,12 @@ class Anchored:
             raise ValueError(
                 f"{owner}: the parameter {name!r} is not initialized yet (a lazy module), so it has no anchor; run "
                 "a forward pass (or initialize the lazy module) before applying a rule with center="
+            )
+        if param.is_meta:
+            raise ValueError(
+                f"{owner}: the parameter {name!r} is on the meta device and holds no values, so it cannot take an "
+                "anchor; materialize the model first (to_empty() and its initialization, or load_state_dict), "
+                "then apply a rule with center="
             )
         tables = self.__dict__.setdefault("_tables", {})
         state = {"center": lookup(center, name, param, "center", owner, _table(center, tables))}
