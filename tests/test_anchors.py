@@ -402,6 +402,11 @@ def test_bad_arguments_name_the_value() -> None:
         torchreg.L2(0.1, importance={"weight": torch.ones(1)})
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'importance'"):
         torchreg.L1(0.1, center="init", importance={"weight": torch.ones(1)})
+    layer = nn.Linear(2, 2, bias=False)
+    layer.weight = nn.Parameter(torch.zeros(2, 2, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"importance= supports real parameters; 'weight' is torch.complex64"):
+        torchreg.L2(layer, 0.1, center="init", importance={"weight": torch.ones(2, 2)})
+    assert_untouched(layer)
     model = make_model()
     with pytest.raises(TypeError, match=r"ElasticNet center must be .*got 3 \(int\)"):
         torchreg.ElasticNet(model, 0.1, 0.1, center=3)

@@ -150,7 +150,7 @@ def _local_part(value: Tensor, param: Tensor) -> Tensor:
 
     try:  # each rank takes its part of its own copy: no communication
         whole = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
-    except TypeError:  # torch < 2.5: rank 0's copy is scattered (every rank applies the rule: a collective)
+    except TypeError:  # older torch: rank 0's copy is scattered (every rank applies the rule: a collective)
         whole = distribute_tensor(value, param.device_mesh, param.placements)
     return whole.to_local()
 
@@ -318,6 +318,8 @@ class Anchored:
                 "anchor; materialize the model first (to_empty() and its initialization, or load_state_dict), "
                 "then apply a rule with center="
             )
+        if importance is not None and param.is_complex():
+            raise TypeError(f"{owner}: importance= supports real parameters; {name!r} is {param.dtype}")
         tables = self.__dict__.setdefault("_tables", {})
         state = {"center": lookup(center, name, param, "center", owner, _table(center, tables))}
         if importance is not None:
