@@ -1,7 +1,9 @@
 """Anchored penalties under DistributedDataParallel and FSDP2: 2 gloo processes, one spawn.
 
 Each rank runs every case (its own half of each batch). The ranks must agree bit for bit, and match
-one process training on the concatenated data with the same rules and anchors. Applied after
+one process training on the concatenated data with the same rules and anchors. A rule with
+``center="init"`` applied after ``DDP(model)`` anchors every rank at rank 0's weights (DDP broadcasts
+them when it wraps), also when each rank built its model from another seed. Applied after
 ``fully_shard``, each rank's anchor is its local shard (checked against the slice of the full one).
 """
 
@@ -60,11 +62,13 @@ class Case:
     regularize: Callable[[nn.Module], None]
     optimizer: Callable[[Any], torch.optim.Optimizer]
     fsdp: bool = False
+    after_wrap: bool = False  # built from a different seed on each rank, regularized after DDP(model)
 
 
 CASES = [
     Case("ddp-sgd", l2sp_ewc_and_sparse_deltas, lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.5)),
     Case("ddp-adam-init", elastic_init, lambda p: torch.optim.Adam(p, lr=0.05)),
+    Case("ddp-init-after-wrap", l2_init_gradient, lambda p: torch.optim.SGD(p, lr=0.2), after_wrap=True),
     Case("fsdp2-sgd", l2sp_ewc_and_sparse_deltas, lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.5), fsdp=True),
     Case("fsdp2-adam-init", elastic_init, lambda p: torch.optim.Adam(p, lr=0.05), fsdp=True),
     Case("fsdp2-l2-init-gradient", l2_init_gradient, lambda p: torch.optim.SGD(p, lr=0.2), fsdp=True),
@@ -98,9 +102,12 @@ def local_anchors(model: nn.Module) -> Dict[str, Any]:
 def run_case(case: Case, rank: int) -> Dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = build()
+    model = build(seed=5 + 10 * rank) if case.after_wrap else build()
     if case.fsdp:
         wrapped = _fully_shard(model)
+        case.regularize(model)
+    elif case.after_wrap:  # DDP broadcasts rank 0's weights when it wraps: "init" is taken after that
+        wrapped = DDP(model)
         case.regularize(model)
     else:
         case.regularize(model)
