@@ -498,3 +498,20 @@ def test_engine_paths_carry_the_state(path: str) -> None:
         loss_fn(compiled, x, y).backward()
         (loss_fn(reference, x, y) + penalty()).backward()
     assert_same_grads(model, reference)
+
+
+def test_a_centered_l2_with_optimizer_weight_decay_does_not_warn() -> None:
+    # the double-decay warning is about two pulls toward zero; L2-SP pulls toward the anchor
+    import warnings
+
+    model = torchreg.L2(make_model(), 0.1, center="init")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4)
+    loss_fn(model, *batch()).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    plain = torchreg.L2(make_model(), 0.1)  # (and toward zero it does)
+    opt = torch.optim.SGD(plain.parameters(), lr=0.1, weight_decay=1e-4)
+    loss_fn(plain, *batch()).backward()
+    with pytest.warns(UserWarning, match="decayed twice"):
+        opt.step()

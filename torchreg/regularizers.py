@@ -135,6 +135,11 @@ class Regularizer(Rule):
         """
         return None
 
+    def _decays_to_zero(self) -> float:
+        """The strength of an L2 penalty toward zero in this rule (0: none); an optimizer's own
+        ``weight_decay`` on the same parameter would decay it twice (a warning at the first step)."""
+        return 0.0
+
     @property
     def is_zero(self) -> bool:
         """True when every strength is 0: the gradient is left exactly as it is."""
@@ -469,6 +474,9 @@ class L2(Anchored, _OneStrength):
 
     _has_importance = True
 
+    def _decays_to_zero(self) -> float:
+        return self.lam if getattr(self, "center", None) is None else 0.0
+
     @overload
     def __new__(cls, module: M, lam: float, *, center: Center = None, importance: Importance = None,
                 params: Selection = None) -> M: ...
@@ -563,6 +571,9 @@ class ElasticNet(Anchored, Regularizer):
         self._init_proximal(proximal)
         self._init_selection(params)
         self._init_anchor(center)
+
+    def _decays_to_zero(self) -> float:
+        return self.l2 if getattr(self, "center", None) is None else 0.0
 
     def _kwargs(self) -> Dict[str, Any]:
         return self._with_anchor(super()._kwargs())
@@ -806,13 +817,6 @@ class Orthogonal(_OneStrength):
     @overload
     def __new__(cls, lam: float, *, mode: str = "rows", params: Selection = None) -> "Orthogonal": ...
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        leading = "module" not in kwargs and args and isinstance(args[0], (nn.Module, type))
-        strengths = args[1:] if leading else args
-        if len(strengths) > 1:  # else the base class would take lam for the module
-            raise TypeError(
-                f"Orthogonal takes mode and params as keywords only, e.g. Orthogonal(module, lam, "
-                f"mode='columns'); got the extra positional argument(s) {', '.join(map(repr, strengths[1:]))}"
-            )
         return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, lam: float, *, mode: str = "rows", params: Selection = None) -> None:
