@@ -15,6 +15,7 @@ selection, and :func:`is_regularized`. Integrations: ``torchreg.lightning``, ``t
 from .activity import ActivityL1, ActivityL2
 from .config import rules_from_config, rules_to_config
 from ._registry import is_regularized
+from .fisher import fisher_diagonal
 from .groups import param_groups
 from .regularizers import ElasticNet, GroupLasso, L1, L2, Orthogonal, Regularizer
 from .report import Sparsity, Summary, penalty, sparsity, summary
@@ -37,6 +38,7 @@ __all__ = [
     "__version__",
     "apply_regularization",
     "configure",
+    "fisher_diagonal",
     "is_regularized",
     "param_groups",
     "penalty",

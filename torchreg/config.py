@@ -363,6 +363,11 @@ def _regularizer_to(value: Any, path: str, label: str) -> Optional[Dict[str, Any
             raise ValueError(f"{path}.params: rule {label} selects parameters with a predicate "
                              f"({getattr(option, '__name__', repr(option))}), which cannot be written as data; "
                              "use a glob pattern or a list of them")
+        if key in ("center", "importance") and not (isinstance(option, str) and option == "init"):
+            raise ValueError(
+                f"{path}.{key}: rule {label} has {key}={option!r}: tensors, which cannot be written as data. A "
+                f"config carries center='init' only; leave this rule out of the config and apply it in code "
+                f"with {key}=... (e.g. the pretrained model or its state_dict())")
         if isinstance(option, tuple):
             option = list(option)
         _check_plain(option, f"{path}.{key}")

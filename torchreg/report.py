@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _activity_engine, _engine
-from ._tracking import is_lazy
+from ._anchor import at_center
+from ._tracking import is_lazy, state_kw
 from ._select import EXCLUDED, default_weights
 from ._validate import check_module
 
@@ -209,7 +210,8 @@ class Sparsity:
     :attr:`total` the same keys summed over them.
 
     Each record has the keys ``parameter`` (qualified name), ``regularizer`` (its repr), ``numel``,
-    ``zeros`` (elements exactly 0), ``zero_fraction``, and for a group regularizer ``groups``,
+    ``zeros`` (elements exactly 0; for a rule with a ``center=``, elements exactly equal to their
+    center), ``zero_fraction``, and for a group regularizer ``groups``,
     ``zero_groups`` and ``zero_group_fraction`` (``None`` otherwise).
     """
 
@@ -256,7 +258,9 @@ def sparsity(module: nn.Module) -> Sparsity:
     enclosing module), in the order of ``module.named_parameters()``, and a total. A group regularizer
     (:class:`torchreg.GroupLasso`) also counts its groups that are exactly zero (a pruned neuron, or
     input feature). Counts are exact: ``w == 0``, no tolerance (proximal regularization makes exact
-    zeros; a gradient term leaves weights oscillating near zero).
+    zeros; a gradient term leaves weights oscillating near zero). For a rule toward an anchor
+    (``center=``) the zeros are of ``w - c``: the weights exactly at their center (a proximal L1 with a
+    center leaves most weights exactly at their pretrained values).
 
     Example::
 
@@ -274,17 +278,19 @@ def sparsity(module: nn.Module) -> Sparsity:
     covered: Dict[int, Any] = {}
     for unit in _engine.units_in(module):
         for entry in unit.entries:
-            covered.setdefault(id(entry.param), entry.rule)
+            covered.setdefault(id(entry.param), entry)
     records: List[Dict[str, Any]] = []
     with torch.no_grad():
         for name, p in module.named_parameters():
-            rule = covered.get(id(p))
-            if rule is None:
+            entry = covered.get(id(p))
+            if entry is None:
                 unit = _engine.owner_of(p)  # regularized by a call on an enclosing module
-                rule = next((e.rule for e in unit.entries if e.param is p), None) if unit is not None else None
-            if rule is None or is_lazy(p):
+                entry = next((e for e in unit.entries if e.param is p), None) if unit is not None else None
+            if entry is None or is_lazy(p):
                 continue
-            zeros = int((p == 0).sum())
+            rule = entry.rule
+            center = state_kw(entry, p).get("state", {}).get("center")  # a rule toward an anchor (center=)
+            zeros = int((p == 0).sum()) if center is None else at_center(p, center)
             record: Dict[str, Any] = dict(parameter=name, regularizer=repr(rule), numel=p.numel(), zeros=zeros,
                                           zero_fraction=zeros / p.numel() if p.numel() else 0.0,
                                           groups=None, zero_groups=None, zero_group_fraction=None)
