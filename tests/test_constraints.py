@@ -276,7 +276,7 @@ def test_options_are_validated_when_changed():
     assert (rule.min_value, rule.max_value, rule.rate) == (0.5, 1.0, 1.0)  # nothing changed
     rule.max_value = 3.0
     rule.min_value = 2.0
-    assert rule == MinMaxNorm(2.0, 3.0)
+    assert rule._kwargs() == MinMaxNorm(2.0, 3.0)._kwargs()
     m = MaxNorm(1.0)
     with pytest.raises(ValueError):
         m.max_value = -2
@@ -294,7 +294,7 @@ def test_dim_must_fit_the_parameter(rule, name, shape, match):
     rule._check_param(name, nn.parameter.UninitializedParameter())  # checked once materialized
 
 
-def test_repr_copy_pickle_and_equality():
+def test_repr_copy_pickle():
     rules = [MaxNorm(3.0), MaxNorm(1.0, dim=None, params="*bias"), MinMaxNorm(0.1, 2.0, rate=0.5, dim=-1),
              UnitNorm(dim=1), NonNeg(), NonNeg(params=["a*", "b"])]
     assert [repr(r) for r in rules] == [
@@ -307,10 +307,9 @@ def test_repr_copy_pickle_and_equality():
     ]
     for rule in rules:
         for other in (copy.deepcopy(rule), copy.copy(rule), pickle.loads(pickle.dumps(rule))):
-            assert other is not rule and type(other) is type(rule) and other == rule
-            assert other._kwargs() == rule._kwargs()
-            assert type(rule)(**rule._kwargs()) == rule
-    assert MaxNorm(3.0) != MaxNorm(2.0) and MaxNorm(1.0) != UnitNorm()
+            assert other is not rule and type(other) is type(rule)
+            assert other._kwargs() == rule._kwargs() and repr(other) == repr(rule)
+        assert type(rule)(**rule._kwargs())._kwargs() == rule._kwargs()
 
 
 def test_base_class_is_not_a_constraint():

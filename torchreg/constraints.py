@@ -55,12 +55,14 @@ a bias ``(out,)``                       ``bias_constraint``,          ``dim=None
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
 
-from ._select import Selection, check_selection, describe_selection
+from . import _constraint_unit
+from ._base import Rule
+from ._select import Selection
 from ._validate import check_strength, describe
 from .regularizers import _EPSILON
 
@@ -70,41 +72,60 @@ __all__ = ["Constraint", "MaxNorm", "MinMaxNorm", "UnitNorm", "NonNeg"]
 EPSILON = _EPSILON
 
 
-def _rebuild(cls: type, kwargs: Dict[str, Any]) -> "Constraint":
-    return cls(**kwargs)
+M = TypeVar("M", bound=nn.Module)
 
 
-class Constraint:
+class Constraint(Rule):
     """Base class of torchreg's weight constraints: :class:`MaxNorm`, :class:`MinMaxNorm`,
-    :class:`UnitNorm` and :class:`NonNeg`.
+    :class:`UnitNorm` and :class:`NonNeg`, and the contract a new one is written to.
 
-    A subclass names its options in ``_options`` (each a validated property) and defines
-    :meth:`project_`; it needs no hook code. :meth:`_coupled_dims` says which dimensions the projection
-    couples (a parameter sharded along one of them cannot be projected shard by shard).
+    A constraint is only its projection. *When* it runs (after every ``step()`` of any
+    ``torch.optim.Optimizer`` holding the parameter, once per step, not on a step a grad scaler skips,
+    after a proximal operator on the same parameter) is ``torchreg/_after_step.py``'s business. A
+    subclass:
 
-    Writing one (a constraint that clips every weight into ``[-c, c]``)::
+    * validates its options in ``__init__`` (names in ``_options``; those that may be given by position
+      after the module in ``_positional``) and calls ``self._init_selection(params)``;
+    * defines :meth:`project_` (replace the parameter in place by its projection);
+    * optionally ``_check_param`` (refuse a parameter before anything changes) and ``_coupled_dims``
+      (the dimensions the projection couples, for sharded parameters).
 
-        >>> import torch
-        >>> from torchreg.constraints import Constraint
-        >>> class Clip(Constraint):
-        ...     _options = ("c",)
+    It is then used like the built-in ones: ``Clip(layer, 1.0)``, or ``Clip(1.0)`` as a rule for
+    :func:`torchreg.apply_regularization`. A parameter may carry one constraint and one penalty.
+
+    Example (a constraint that clips every weight into ``[-c, c]``)::
+
+        >>> import torch, torchreg
+        >>> class Clip(torchreg.Constraint):
+        ...     _options = _positional = ("c",)
         ...     def __init__(self, c, *, params=None):
         ...         self.c = float(c)
         ...         self._init_selection(params)
         ...     def project_(self, param):
         ...         param.clamp_(-self.c, self.c)
-        >>> w = torch.tensor([-3.0, 0.5, 2.0])
-        >>> Clip(1.0).project_(w)
-        >>> w
-        tensor([-1.0000,  0.5000,  1.0000])
+        >>> layer = Clip(torch.nn.Linear(2, 1, bias=False), 0.5)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.fill_(3.0)
+        >>> layer.weight.grad = torch.zeros_like(layer.weight)
+        >>> torch.optim.SGD(layer.parameters(), lr=0.1).step()   # the step, then the projection
+        >>> layer.weight
+        Parameter containing:
+        tensor([[0.5000, 0.5000]], requires_grad=True)
         >>> Clip(1.0)
         Clip(c=1.0)
     """
 
+    _base = True
+    #: The constructor's options (besides ``params``), in the order repr and the config write them.
     _options: Tuple[str, ...] = ()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - subclasses define it
-        raise TypeError("Constraint is a base class; use torchreg.MaxNorm, MinMaxNorm, UnitNorm or NonNeg")
+        raise NotImplementedError
+
+    #: Not a proximal regularizer (the after-step hooks apply :meth:`project_`, not a prox).
+    proximal = False
+    #: The after-step hooks act on a constraint's parameters.
+    acts_after_step = True
 
     # -- the maths --------------------------------------------------------------------------
     def project_(self, param: Tensor) -> None:
@@ -112,37 +133,24 @@ class Constraint:
         raise NotImplementedError
 
     def _coupled_dims(self, param: Tensor) -> Tuple[int, ...]:
-        """Dimensions along which the projection couples elements (none: elementwise)."""
+        """Dimensions along which the projection couples elements (none: elementwise). A parameter
+        sharded along one of them cannot be projected shard by shard."""
         return ()
 
     def _check_param(self, name: str, param: Tensor) -> None:
         """Raise ``ValueError`` (``TypeError`` for a dtype) if this constraint cannot project ``param``;
         called before anything changes."""
 
-    # -- plumbing ---------------------------------------------------------------------------
-    def _init_selection(self, params: Selection) -> None:
-        self.params = check_selection(params)
+    # -- use ------------------------------------------------------------------------------------
+    def _attach(self, module: nn.Module, chosen: List[Tuple[str, Tensor]]) -> None:
+        _constraint_unit.attach(module, [_constraint_unit.Entry(name, p, self) for name, p in chosen])
 
     def _kwargs(self) -> Dict[str, Any]:
-        """The constructor's keyword arguments that rebuild this constraint (repr, copy, config)."""
+        """The constructor's keyword arguments that rebuild this constraint (repr, the config format)."""
         kwargs = {name: getattr(self, name) for name in self._options}
         if self.params is not None:
             kwargs["params"] = self.params
         return kwargs
-
-    def __reduce__(self) -> Any:
-        return _rebuild, (type(self), self._kwargs())
-
-    def __eq__(self, other: Any) -> bool:
-        return type(other) is type(self) and other._kwargs() == self._kwargs()
-
-    __hash__ = object.__hash__
-
-    def __repr__(self) -> str:
-        kwargs = self._kwargs()
-        if "params" in kwargs:
-            kwargs["params"] = describe_selection(self.params)
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
 
 
 # -- validated options ----------------------------------------------------------------------------
@@ -232,36 +240,56 @@ class MaxNorm(_NormConstraint):
 
     ``w_g <- w_g * clip(n_g, 0, max_value) / (1e-7 + n_g)`` for each group ``w_g = w.select(dim, g)``,
     ``n_g = ||w_g||_2`` (max-norm regularization, Srivastava et al. 2014). The default ``dim=0`` is one
-    norm per output unit or filter, Keras' default ``axis=0`` (see ``torchreg.constraints`` for the
-    correspondence on each layer).
+    norm per output unit or filter, Keras' default ``axis=0`` (``torchreg.constraints`` has the
+    correspondence for each layer). Applied after every ``step()`` of any ``torch.optim`` optimizer
+    holding the parameter and updating it (its ``.grad`` is not None); not when applied.
 
     Args:
-        max_value: the largest norm of a group, a finite real number >= 0 (default 2.0, as Keras).
+        module: the layer (or whole model) to constrain. Omit it to get a rule for
+            :func:`torchreg.apply_regularization` or :meth:`apply`.
+        max_value: the largest norm of a group, a finite real number >= 0 (default 2.0, as Keras); may
+            be changed later (``rule.max_value = ...``), from the next step.
         dim: keyword only. The dimension that indexes the groups (negative counts from the end), or
             ``None`` for one norm over the whole parameter (Keras' ``bias_constraint`` on a vector).
         params: keyword only. Which parameters: ``None`` (default) for the kernels, as the
-            regularizers; a glob pattern, a list of them or a predicate ``fn(name, param)`` otherwise
-            (``params="*bias"`` for Keras' ``bias_constraint``).
+            regularizers (no biases, nothing of a normalization layer); a glob pattern, a list of them
+            or a predicate ``fn(name, param)`` otherwise (``params="bias"`` for Keras' ``bias_constraint``).
+
+    Returns:
+        With ``module``: the same module object, constrained. Without: a ``MaxNorm`` rule.
 
     Raises:
-        TypeError: ``max_value`` is no real number; ``dim`` is neither an int nor None.
-        ValueError: ``max_value`` is negative, infinite or NaN.
+        TypeError: ``module`` is no module instance; ``max_value`` is no real number; ``dim`` is neither
+            an int nor None; a selected parameter is not floating point or complex.
+        ValueError: ``max_value`` is negative, infinite or NaN; the selection matches no parameter; a
+            selected parameter has no dimension ``dim``, or is constrained already.
 
     Example::
 
-        >>> import torch
-        >>> from torchreg.constraints import MaxNorm
-        >>> w = torch.tensor([[3.0, 4.0], [0.3, 0.4]])   # row norms 5 and 0.5
-        >>> MaxNorm(max_value=1.0).project_(w)
-        >>> w                                               # row 0 scaled to norm 1; row 1 kept
+        >>> import torch, torchreg
+        >>> layer = torchreg.MaxNorm(torch.nn.Linear(2, 2, bias=False), max_value=1.0)
+        >>> with torch.no_grad():                          # row norms 5 and 0.5
+        ...     _ = layer.weight.copy_(torch.tensor([[3.0, 4.0], [0.3, 0.4]]))
+        >>> layer(torch.zeros(1, 2)).sum().backward()      # data gradient 0
+        >>> torch.optim.SGD(layer.parameters(), lr=0.1).step()
+        >>> layer.weight.detach()                          # row 0 scaled to norm 1; row 1 kept
         tensor([[0.6000, 0.8000],
                 [0.3000, 0.4000]])
-        >>> MaxNorm(3.0, dim=1)
+        >>> torchreg.MaxNorm(3.0, dim=1)
         MaxNorm(max_value=3.0, dim=1)
     """
 
     _options = ("max_value", "dim")
+    _positional = ("max_value",)
     max_value = _option("max_value", _bound, "The largest norm of a group (>= 0); may be changed at any time.")
+
+    @overload
+    def __new__(cls, module: M, max_value: float = 2.0, *, dim: Optional[int] = 0,
+                params: Selection = None) -> M: ...
+    @overload
+    def __new__(cls, max_value: float = 2.0, *, dim: Optional[int] = 0, params: Selection = None) -> "MaxNorm": ...
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, max_value: float = 2.0, *, dim: Optional[int] = 0, params: Selection = None) -> None:
         self.max_value = max_value
@@ -278,36 +306,40 @@ class MinMaxNorm(_NormConstraint):
 
     ``w_g <- w_g * (rate * clip(n_g, min_value, max_value) + (1 - rate) * n_g) / (1e-7 + n_g)`` for each
     group ``w_g = w.select(dim, g)``, ``n_g = ||w_g||_2``. A group of norm 0 stays 0 (it has no
-    direction to scale).
+    direction to scale). Applied as :class:`MaxNorm`.
 
     Args:
+        module: the layer (or whole model) to constrain. Omit it to get a rule.
         min_value: the smallest norm of a group, a finite real number >= 0 (default 0.0, as Keras).
         max_value: the largest norm, finite, at least ``min_value`` (default 1.0, as Keras).
         rate: keyword only. A real number in ``[0, 1]`` (default 1.0: strict enforcement; Keras' rate).
         dim: keyword only; as :class:`MaxNorm`.
         params: keyword only; as :class:`MaxNorm`.
 
+    Returns:
+        With ``module``: the same module object, constrained. Without: a ``MinMaxNorm`` rule.
+
     Raises:
-        TypeError: a bound or ``rate`` is no real number; ``dim`` is neither an int nor None.
-        ValueError: a bound is negative, infinite or NaN; ``min_value > max_value``; ``rate`` outside
-            ``[0, 1]``. The options may be changed later, checked the same way (raise ``max_value``
-            before ``min_value`` when moving the interval up).
+        TypeError: as :class:`MaxNorm`; a bound or ``rate`` is no real number.
+        ValueError: as :class:`MaxNorm`; a bound is negative, infinite or NaN; ``min_value > max_value``;
+            ``rate`` outside ``[0, 1]``. The options may be changed later, checked the same way (raise
+            ``max_value`` before ``min_value`` when moving the interval up).
 
     Example::
 
-        >>> import torch
-        >>> from torchreg.constraints import MinMaxNorm
+        >>> import torch, torchreg
         >>> w = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])   # row norms 5, 0.5 and 0
-        >>> MinMaxNorm(min_value=1.0, max_value=2.0).project_(w)
+        >>> torchreg.MinMaxNorm(min_value=1.0, max_value=2.0).project_(w)
         >>> w                                                          # norms 2, 1 and 0
         tensor([[1.2000, 1.6000],
                 [0.6000, 0.8000],
                 [0.0000, 0.0000]])
-        >>> MinMaxNorm(0.5, 1.0, rate=0.5)
+        >>> torchreg.MinMaxNorm(0.5, 1.0, rate=0.5)
         MinMaxNorm(min_value=0.5, max_value=1.0, rate=0.5, dim=0)
     """
 
     _options = ("min_value", "max_value", "rate", "dim")
+    _positional = ("min_value", "max_value")
 
     def _min(self, value: Any, what: str) -> float:
         value = check_strength(value, what)
@@ -324,6 +356,15 @@ class MinMaxNorm(_NormConstraint):
     min_value = _option("min_value", _min, "The smallest norm of a group (>= 0, <= max_value).")
     max_value = _option("max_value", _max, "The largest norm of a group (>= min_value).")
     rate = _option("rate", _check_rate, "The fraction of the way to the interval each projection goes, in [0, 1].")
+
+    @overload
+    def __new__(cls, module: M, min_value: float = 0.0, max_value: float = 1.0, *, rate: float = 1.0,
+                dim: Optional[int] = 0, params: Selection = None) -> M: ...
+    @overload
+    def __new__(cls, min_value: float = 0.0, max_value: float = 1.0, *, rate: float = 1.0,
+                dim: Optional[int] = 0, params: Selection = None) -> "MinMaxNorm": ...
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, min_value: float = 0.0, max_value: float = 1.0, *, rate: float = 1.0,
                  dim: Optional[int] = 0, params: Selection = None) -> None:
@@ -349,29 +390,41 @@ class UnitNorm(_NormConstraint):
     """Keras' ``UnitNorm``: after each optimizer step, every group is scaled to norm 1.
 
     ``w_g <- w_g / (1e-7 + n_g)`` for each group ``w_g = w.select(dim, g)``, ``n_g = ||w_g||_2``; a
-    group of norm 0 stays 0.
+    group of norm 0 stays 0. Applied as :class:`MaxNorm`.
 
     Args:
+        module: the layer (or whole model) to constrain. Omit it to get a rule.
         dim: keyword only; as :class:`MaxNorm`.
         params: keyword only; as :class:`MaxNorm`.
 
+    Returns:
+        With ``module``: the same module object, constrained. Without: a ``UnitNorm`` rule.
+
     Raises:
-        TypeError: ``dim`` is neither an int nor None.
+        TypeError: as :class:`MaxNorm`.
+        ValueError: as :class:`MaxNorm`.
 
     Example::
 
-        >>> import torch
-        >>> from torchreg.constraints import UnitNorm
+        >>> import torch, torchreg
         >>> w = torch.tensor([[3.0, 0.0], [4.0, 0.0]])
-        >>> UnitNorm(dim=1).project_(w)                    # one norm per column: 5 and 0
+        >>> torchreg.UnitNorm(dim=1).project_(w)            # one norm per column: 5 and 0
         >>> w
         tensor([[0.6000, 0.0000],
                 [0.8000, 0.0000]])
-        >>> UnitNorm()
+        >>> conv = torchreg.UnitNorm(torch.nn.Conv2d(3, 8, 3))   # one norm per filter
+        >>> torchreg.UnitNorm()
         UnitNorm(dim=0)
     """
 
     _options = ("dim",)
+
+    @overload
+    def __new__(cls, module: M, *, dim: Optional[int] = 0, params: Selection = None) -> M: ...
+    @overload
+    def __new__(cls, *, dim: Optional[int] = 0, params: Selection = None) -> "UnitNorm": ...
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, *, dim: Optional[int] = 0, params: Selection = None) -> None:
         self.dim = dim
@@ -385,25 +438,37 @@ class NonNeg(Constraint):
     """Keras' ``NonNeg``: after each optimizer step, every negative weight is set to 0.
 
     ``w <- w * (w >= 0)`` elementwise (written as ``clamp_(min=0)``: a negative weight becomes ``+0.0``,
-    as Keras 3's ``maximum(w, 0)``; NaN stays NaN).
+    as Keras 3's ``maximum(w, 0)``; NaN stays NaN). Applied as :class:`MaxNorm`.
 
     Args:
+        module: the layer (or whole model) to constrain. Omit it to get a rule.
         params: keyword only; as :class:`MaxNorm`.
 
+    Returns:
+        With ``module``: the same module object, constrained. Without: a ``NonNeg`` rule.
+
     Raises:
-        TypeError: (when applied) a selected parameter is complex: it has no order.
+        TypeError: as :class:`MaxNorm`; a selected parameter is complex (it has no order).
+        ValueError: as :class:`MaxNorm`.
 
     Example::
 
-        >>> import torch
-        >>> from torchreg.constraints import NonNeg
+        >>> import torch, torchreg
         >>> w = torch.tensor([-1.5, 0.0, 2.0])
-        >>> NonNeg().project_(w)
+        >>> torchreg.NonNeg().project_(w)
         >>> w
         tensor([0., 0., 2.])
-        >>> NonNeg(params="*bias")
-        NonNeg(params='*bias')
+        >>> layer = torchreg.NonNeg(torch.nn.Linear(4, 2), params=["weight", "bias"])
+        >>> torchreg.NonNeg(params="bias")
+        NonNeg(params='bias')
     """
+
+    @overload
+    def __new__(cls, module: M, *, params: Selection = None) -> M: ...
+    @overload
+    def __new__(cls, *, params: Selection = None) -> "NonNeg": ...
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, *, params: Selection = None) -> None:
         self._init_selection(params)
