@@ -323,3 +323,402 @@ def test_project_keeps_identity_and_works_under_no_grad():
     with torch.no_grad():
         MaxNorm(1.0).project_(p)
     assert p.data_ptr() == ptr and p.requires_grad
+
+
+# == applied after every optimizer step ==============================================================
+import torchreg  # noqa: E402
+from torchreg import _constraint_unit  # noqa: E402
+
+STEPS = 3
+
+
+class SignSGD(torch.optim.Optimizer):
+    """A user's own optimizer (a torch.optim.Optimizer subclass torchreg knows nothing about)."""
+
+    def __init__(self, params, lr=0.05):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(torch.sign(p.grad), alpha=-group["lr"])
+
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.1),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.05),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.5),
+    "lbfgs": lambda p: torch.optim.LBFGS(p, lr=0.5, max_iter=3),
+    "user-subclass": lambda p: SignSGD(p),
+}
+
+# layer factory, input factory, the default-selected weights -> their LAYOUTS key
+LAYERS = {
+    "linear": (lambda: nn.Linear(5, 3), lambda: torch.randn(4, 5), {"weight": "linear"}),
+    "conv1d": (lambda: nn.Conv1d(2, 3, 3), lambda: torch.randn(4, 2, 6), {"weight": "conv1d"}),
+    "conv2d": (lambda: nn.Conv2d(2, 3, (2, 3)), lambda: torch.randn(2, 2, 5, 5), {"weight": "conv2d"}),
+    "embedding": (lambda: nn.Embedding(7, 4), lambda: torch.randint(0, 7, (3, 5)), {"weight": "embedding"}),
+    "lstm": (lambda: nn.LSTM(3, 4), lambda: torch.randn(5, 2, 3),
+             {"weight_ih_l0": "lstm_ih", "weight_hh_l0": "lstm_hh"}),
+}
+
+CONSTRAINTS = {
+    "MaxNorm": (lambda: torchreg.MaxNorm(1.0), lambda k, axis: keras_max_norm(k, 1.0, axis)),
+    "MinMaxNorm": (lambda: torchreg.MinMaxNorm(0.5, 1.0, rate=0.7),
+                   lambda k, axis: keras_min_max_norm(k, 0.5, 1.0, 0.7, axis)),
+    "UnitNorm": (lambda: torchreg.UnitNorm(), lambda k, axis: keras_unit_norm(k, axis)),
+    "NonNeg": (lambda: torchreg.NonNeg(), lambda k, axis: keras_non_neg(k)),
+}
+
+
+def _output(layer, x):
+    out = layer(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _train_step(model, opt, x):
+    def closure():
+        opt.zero_grad()
+        loss = (_output(model, x) - 0.3).pow(2).mean()
+        loss.backward()
+        return loss
+
+    if isinstance(opt, torch.optim.LBFGS):
+        opt.step(closure)
+    else:
+        closure()
+        opt.step()
+
+
+def _keras_project_(model, names, keras):
+    """The reference: after the bare model's step, each weight replaced by Keras' constraint of it."""
+    with torch.no_grad():
+        for name, layout in names.items():
+            to_keras, to_torch, axis = LAYOUTS[layout]
+            p = model.get_parameter(name)
+            p.copy_(torch.from_numpy(np.ascontiguousarray(to_torch(keras(to_keras(p.numpy()), axis)))))
+
+
+@pytest.mark.parametrize("constraint", list(CONSTRAINTS))
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_training_equals_bare_training_with_keras_projection(layer, optimizer, constraint):
+    make_layer, make_input, names = LAYERS[layer]
+    make_rule, keras = CONSTRAINTS[constraint]
+    torch.manual_seed(0)
+    model = make_layer().double()
+    with torch.no_grad():
+        for name in names:
+            model.get_parameter(name).mul_(5)  # an infeasible start: norms far above 1
+    x = make_input()
+    x = x.double() if x.is_floating_point() else x
+    reference = copy.deepcopy(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert make_rule().apply(model) is model
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())  # projected after steps only
+    opt, ref_opt = OPTIMIZERS[optimizer](model.parameters()), OPTIMIZERS[optimizer](reference.parameters())
+    for step in range(STEPS):
+        _train_step(model, opt, x)
+        _train_step(reference, ref_opt, x)
+        _keras_project_(reference, names, keras)
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(model.get_parameter(name), p, rtol=1e-10, atol=1e-12,
+                                       msg=lambda m: f"step {step} {name}: {m}")
+    for name in names:
+        w = model.get_parameter(name).detach()
+        if constraint == "NonNeg":
+            assert (w >= 0).all()
+        elif constraint != "MinMaxNorm":  # (rate=0.7 moves the norms 70% of the way only)
+            norms = torch.linalg.vector_norm(w.reshape(w.shape[0], -1) if layer != "embedding" else w, dim=1)
+            assert (norms <= 1.0).all(), norms
+
+
+class Counting(torchreg.Constraint):
+    """A user's own constraint (clip to [-c, c]) that counts its projections."""
+
+    _options = _positional = ("c",)
+
+    def __init__(self, c=1.0, *, params=None):
+        self.c = float(c)
+        self.calls = 0
+        self._init_selection(params)
+
+    def project_(self, param):
+        self.calls += 1
+        param.clamp_(-self.c, self.c)
+
+
+def _linear(scale=5.0):
+    torch.manual_seed(1)
+    layer = nn.Linear(4, 3)
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+    return layer
+
+
+def test_once_per_step_under_accumulation():
+    layer = _linear()
+    rule = Counting(0.5)
+    rule.apply(layer)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        for _ in range(3):  # three micro-batches, one step
+            layer(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    assert rule.calls == 2
+    assert layer.weight.abs().max() <= 0.5
+    # and the exact value: MaxNorm applied twice differs from once by Keras' epsilon
+    a, b = _linear().double(), _linear().double()
+    torchreg.MaxNorm(a, 1.0)
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        for _ in range(3):
+            model(x).sum().backward()
+        opt.step()
+    _keras_project_(b, {"weight": "linear"}, lambda k, axis: keras_max_norm(k, 1.0, axis))
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-13, atol=0)
+
+
+def test_no_projection_without_a_gradient_or_outside_the_optimizer():
+    layer = _linear()
+    rule = Counting(0.5)
+    rule.apply(layer)
+    other = nn.Linear(2, 2)
+    torch.optim.SGD(other.parameters(), lr=0.1).step()  # an optimizer that does not hold the layer
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    opt.step()  # no .grad: torch.optim skipped it, so does the constraint (Keras skips a None gradient)
+    assert rule.calls == 0 and layer.weight.abs().max() > 0.5
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_none_on_a_step_the_grad_scaler_skips(fused):
+    layer = _linear()
+    rule = Counting(0.5)
+    rule.apply(layer)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.01, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    torchreg.configure(layer, grad_scaler=scaler)
+    before = layer.weight.detach().clone()
+    x = torch.randn(2, 4)
+    x[0, 0] = float("inf")
+    scaler.scale(layer(x).sum()).backward()
+    scaler.step(opt)  # inf gradients: skipped (non-fused: step() not called; fused: found_inf)
+    scaler.update()
+    assert rule.calls == 0 and torch.equal(layer.weight, before)
+    opt.zero_grad()
+    scaler.scale(layer(torch.randn(2, 4)).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert rule.calls == 1 and layer.weight.abs().max() <= 0.5
+
+
+def test_prox_first_then_projection():
+    a, b = _linear(1.0).double(), _linear(1.0).double()
+    torchreg.MaxNorm(torchreg.L1(a, 0.3, proximal=True), 0.3)
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.5), torch.optim.SGD(b.parameters(), lr=0.5)
+    x = torch.randn(3, 4, dtype=torch.float64) * 0.1
+    for _ in range(3):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+        with torch.no_grad():  # prox of L1 with step lr, then Keras' MaxNorm
+            b.weight.copy_(torch.sign(b.weight) * (b.weight.abs() - 0.5 * 0.3).clamp(min=0))
+        _keras_project_(b, {"weight": "linear"}, lambda k, axis: keras_max_norm(k, 0.3, axis))
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-12, atol=1e-15)
+    assert (a.weight == 0).any()  # the prox's exact zeros survive the projection
+
+
+def test_a_penalty_and_a_constraint_on_one_parameter():
+    a, b = _linear().double(), _linear().double()
+    assert torchreg.MaxNorm(torchreg.L2(a, 1e-2), 1.0) is a
+    opt_a, opt_b = torch.optim.Adam(a.parameters(), lr=0.1), torch.optim.Adam(b.parameters(), lr=0.1)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    for _ in range(3):
+        opt_a.zero_grad()
+        a(x).pow(2).sum().backward()
+        opt_a.step()
+        opt_b.zero_grad()
+        (b(x).pow(2).sum() + 1e-2 / 2 * b.weight.pow(2).sum()).backward()
+        opt_b.step()
+        _keras_project_(b, {"weight": "linear"}, lambda k, axis: keras_max_norm(k, 1.0, axis))
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-10, atol=1e-13)
+    # the other order, and through apply_regularization with a tuple
+    c = torchreg.L2(torchreg.MaxNorm(_linear(), 1.0), 1e-2)
+    d = torchreg.apply_regularization(nn.Sequential(_linear()), {nn.Linear: [torchreg.L2(1e-2), torchreg.MaxNorm(1.0)]})
+    for m in (c, d):
+        assert torchreg.is_regularized(m)
+        assert {type(u).__name__ for u in torchreg._registry.units_in(m)} == {"Unit", "ConstraintUnit"}
+
+
+def test_apply_regularization_first_rule_of_each_kind():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    torchreg.apply_regularization(model, {
+        "2": torchreg.MaxNorm(2.0),                                # constraint only, for module 2
+        nn.Linear: (torchreg.L2(1e-3), torchreg.UnitNorm()),      # penalty for both, constraint for 0
+        nn.ReLU: torchreg.ActivityL2(1e-3),
+    })
+    rows = [(r["module"], r["regularizer"]) for r in torchreg.summary(model).records]
+    assert rows == [("0", "L2(lam=0.001)"), ("2", "L2(lam=0.001)"), ("0", "UnitNorm(dim=0)"),
+                    ("2", "MaxNorm(max_value=2.0, dim=0)"), ("1", "ActivityL2(lam=0.001)")]
+    # a None rule excludes every kind when it comes first
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    torchreg.apply_regularization(model, {"0": None, nn.Linear: (torchreg.L2(1e-3), torchreg.NonNeg())})
+    assert _constraint_unit.owner_of(model[0].weight) is None and _constraint_unit.owner_of(model[1].weight)
+
+
+def test_summary_remove_and_is_regularized():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    torchreg.NonNeg(model[2], params=["weight", "bias"])
+    assert torchreg.is_regularized(model) and torchreg.is_regularized(model[2])
+    assert not torchreg.is_regularized(model[0])
+    text = str(torchreg.summary(model))
+    assert "NonNeg(params='weight,bias')" in text and _constraint_unit.NOTE in text
+    assert "10 constrained elements" in text and "not covered: 1 weight of Linear" in text
+    record = torchreg.summary(model).records[0]
+    assert record["parameters"] == ["weight", "bias"] and record["penalty"] is None and record["numel"] == 10
+    with torch.no_grad():
+        model[2].weight.fill_(-1.0)
+    assert torchreg.remove_regularization(model) is model
+    assert not torchreg.is_regularized(model) and "_torchreg_constraints" not in model[2].__dict__
+    model(torch.randn(2, 4)).sum().backward()
+    torch.optim.SGD(model.parameters(), lr=0.0).step()
+    assert (model[2].weight == -1).all()  # removed: no projection
+    with pytest.raises(ValueError, match="no torchreg regularization found"):
+        torchreg.remove_regularization(model)
+
+
+def test_state_dict_deepcopy_and_pickle_are_transparent():
+    bare = _linear()
+    layer = torchreg.MaxNorm(copy.deepcopy(bare), 0.5)
+    assert list(layer.state_dict()) == list(bare.state_dict())
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert _constraint_unit.owner_of(copied.weight) is not None
+        assert _constraint_unit.owner_of(copied.weight) is not _constraint_unit.owner_of(layer.weight)
+        copied(torch.randn(2, 4)).sum().backward()
+        torch.optim.SGD(copied.parameters(), lr=0.0).step()
+        assert torch.linalg.vector_norm(copied.weight, dim=1).max() <= 0.5 + 1e-6
+        assert torch.linalg.vector_norm(layer.weight, dim=1).max() > 0.5  # the original is not stepped
+        assert str(torchreg.summary(copied)) == str(torchreg.summary(layer))
+    fresh = _linear(1.0)
+    fresh.load_state_dict(layer.state_dict())  # a checkpoint loads into a bare model
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.load_state_dict({k: v * 2 for k, v in saved.items()}, assign=True)  # new parameter objects
+    layer(torch.randn(2, 4)).sum().backward()
+    torch.optim.SGD(layer.parameters(), lr=0.0).step()
+    assert torch.linalg.vector_norm(layer.weight, dim=1).max() <= 0.5 + 1e-6  # the constraint followed them
+
+
+def test_lazy_module_and_a_parameter_replaced_before_the_first_step():
+    lazy = torchreg.MaxNorm(nn.LazyLinear(3), 0.5)
+    lazy(torch.randn(2, 6) * 100).sum().backward()
+    with torch.no_grad():
+        lazy.weight.mul_(100)
+    torch.optim.Adam(lazy.parameters(), lr=0.1).step()
+    assert torch.linalg.vector_norm(lazy.weight, dim=1).max() <= 0.5 + 1e-6
+    bad = torchreg.MaxNorm(nn.LazyLinear(3), 0.5, dim=2)  # checked once the weight has its shape
+    bad(torch.randn(2, 6)).sum().backward()
+    with pytest.raises(ValueError, match="dim=2"):
+        torch.optim.SGD(bad.parameters(), lr=0.1).step()
+    # a parameter replaced (to_empty / an assignment) before the first step is followed, silently
+    layer = torchreg.MaxNorm(_linear(), 0.5)
+    layer.weight = nn.Parameter(layer.weight.detach() * 2)
+    layer(torch.randn(2, 4)).sum().backward()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.optim.SGD(layer.parameters(), lr=0.0).step()
+    assert torch.linalg.vector_norm(layer.weight, dim=1).max() <= 0.5 + 1e-6
+
+
+def _units(module):
+    return list(torchreg._registry.units_in(module))
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda m: torchreg.MaxNorm(torchreg.UnitNorm(m), 2.0), ValueError, "already constrained"),
+    (lambda m: torchreg.MaxNorm(m, 2.0, dim=2), ValueError, r"dim=2 is not one of its dimensions"),
+    (lambda m: torchreg.MaxNorm(m, 2.0, params="nothing*"), ValueError, "selects no parameter"),
+    (lambda m: torchreg.MaxNorm(m, "2"), TypeError, "max_value"),
+    (lambda m: torchreg.MaxNorm(None, 2.0), TypeError, "got None"),
+    (lambda m: torchreg.MaxNorm(nn.Linear, 2.0), TypeError, "instantiate it"),
+    (lambda m: torchreg.UnitNorm(m, dim=1.5), TypeError, "dim"),
+    (lambda m: torchreg.Constraint(m), TypeError, "base class"),
+    (lambda m: torchreg.apply_regularization(m, {nn.Linear: (torchreg.MaxNorm(1.0), torchreg.UnitNorm())}),
+     ValueError, "both constraint rules"),
+    (lambda m: torchreg.apply_regularization(m, {nn.Linear: (torchreg.L1(1e-3), torchreg.L2(1e-3))}),
+     ValueError, "both penalty rules"),
+    (lambda m: torchreg.apply_regularization(m, {nn.Linear: (torchreg.L2(1e-3), "MaxNorm")}), TypeError, "'MaxNorm'"),
+    (lambda m: torchreg.apply_regularization(m, {nn.Linear: ()}), ValueError, "empty tuple"),
+    (lambda m: torchreg.apply_regularization(m, {nn.Linear: (torchreg.MaxNorm,)}), TypeError, "instantiate it"),
+    (lambda m: torchreg.apply_regularization(m, {nn.Linear: (torchreg.L2(1e-3), torchreg.MaxNorm(1.0, dim=5))}),
+     ValueError, "dim=5"),
+])
+def test_bad_input_changes_nothing(call, exc, match):
+    model = nn.Sequential(nn.Linear(4, 4))
+    if "already constrained" in match:
+        torchreg.UnitNorm(model[0])
+    before = _units(model)
+    with pytest.raises(exc, match=match):
+        call(model[0] if "apply_regularization" not in match else model)
+    assert _units(model) == before  # nothing attached
+
+
+def test_bad_tuple_through_apply_regularization_changes_nothing():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    torchreg.UnitNorm(model[1])
+    with pytest.raises(ValueError, match="already constrained"):  # the penalty part would fit: not applied
+        torchreg.apply_regularization(model, {nn.Linear: (torchreg.L2(1e-3), torchreg.MaxNorm(1.0))})
+    assert not torchreg.is_regularized(model[0]) and len(_units(model)) == 1
+    for value in [(torchreg.L1(1e-3), torchreg.L2(1e-3)), (torchreg.MaxNorm(1.0), torchreg.NonNeg()), (),
+                  (torchreg.L2(1e-3), None), (torchreg.L2(1e-3), 3.0)]:
+        with pytest.raises((TypeError, ValueError)):
+            torchreg.apply_regularization(nn.Linear(2, 2), {nn.Linear: value})
+    with pytest.raises(TypeError, match="complex"):
+        torchreg.NonNeg(nn.Linear(2, 2, dtype=torch.complex64))
+
+
+def test_config_round_trip_with_tuples():
+    rules = {
+        nn.Embedding: None,
+        nn.Linear: (torchreg.L2(1e-4), torchreg.MaxNorm(3.0)),
+        (nn.Conv1d, nn.Conv2d): [torchreg.UnitNorm(dim=None, params="bias")],
+        "head": torchreg.MinMaxNorm(0.5, 2.0, rate=0.25, dim=1),
+        nn.ReLU: (torchreg.ActivityL1(1e-3), torchreg.NonNeg(params="*")),
+    }
+    data = torchreg.rules_to_config(rules)
+    assert data[1]["regularizer"] == [{"type": "L2", "lam": 0.0001}, {"type": "MaxNorm", "max_value": 3.0, "dim": 0}]
+    assert data[2]["regularizer"] == [{"type": "UnitNorm", "dim": None, "params": ["bias"]}]
+    assert data[3]["regularizer"] == {"type": "MinMaxNorm", "min_value": 0.5, "max_value": 2.0, "rate": 0.25,
+                                      "dim": 1}
+    import json
+    back = torchreg.rules_from_config(json.loads(json.dumps(data)))
+    assert torchreg.rules_to_config(back) == data
+    assert [type(r).__name__ for r in back[nn.Linear]] == ["L2", "MaxNorm"]
+    model_a = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Conv1d(4, 4, 1))
+    model_b = copy.deepcopy(model_a)
+    for model, r in ((model_a, rules), (model_b, back)):
+        with pytest.warns(UserWarning, match="matched no module"):
+            torchreg.apply_regularization(model, r)
+    assert str(torchreg.summary(model_a)) == str(torchreg.summary(model_b))
+    with pytest.raises(ValueError, match=r"rules\[0\]\.regularizer\[1\]: a second constraint rule"):
+        torchreg.rules_from_config([{"match": {"type": "Linear"},
+                                     "regularizer": [{"type": "NonNeg"}, {"type": "UnitNorm"}]}])
+    with pytest.raises(ValueError, match=r"rules\[0\]\.regularizer\.max_value"):
+        torchreg.rules_from_config([{"match": {"type": "Linear"}, "regularizer": {"type": "MaxNorm", "max_value": -3}}])
+
+
+def test_dropped_model_is_freed():
+    import gc
+    import weakref
+    layer = torchreg.MaxNorm(_linear(), 1.0)
+    ref = weakref.ref(layer)
+    del layer
+    gc.collect()
+    assert ref() is None
