@@ -722,3 +722,171 @@ def test_dropped_model_is_freed():
     del layer
     gc.collect()
     assert ref() is None
+
+
+# == DDP and FSDP2 (2 gloo processes, one spawn) =====================================================
+DIST_STEPS = 3
+DIST_ROWS = 4  # per rank and step
+
+
+def _dist_build() -> nn.Module:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5)  # infeasible for the constraints below
+    return model
+
+
+def _maxnorm_nonneg(model: nn.Module) -> None:
+    torchreg.MaxNorm(model[0], 1.0)
+    torchreg.NonNeg(model[2], params=["weight", "bias"])
+
+
+def _prox_and_unitnorm(model: nn.Module) -> None:
+    torchreg.apply_regularization(model, {nn.Linear: (torchreg.L1(0.05, proximal=True), torchreg.UnitNorm())})
+
+
+def _minmax(model: nn.Module) -> None:
+    torchreg.MinMaxNorm(model, 0.5, 1.0, rate=0.5)
+
+
+def _columns(model: nn.Module) -> None:
+    torchreg.MaxNorm(model[0], 1.0, dim=1)  # norms over dim 0, which FSDP2 shards
+
+
+DIST_CASES = {
+    # id: (constrain, optimizer, fsdp, skip_first, expected error)
+    "ddp-adam-maxnorm-nonneg": (_maxnorm_nonneg, lambda p: torch.optim.Adam(p, lr=0.05), False, False, ""),
+    "ddp-sgd-prox-then-unitnorm": (_prox_and_unitnorm, lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.5),
+                                   False, False, ""),
+    "ddp-rmsprop-grad-scaler-skip": (_minmax, lambda p: torch.optim.RMSprop(p, lr=0.01), False, True, ""),
+    "fsdp2-adagrad-rows-within-shards": (_maxnorm_nonneg, lambda p: torch.optim.Adagrad(p, lr=0.5), True, False, ""),
+    "fsdp2-columns-across-shards": (_columns, lambda p: torch.optim.SGD(p, lr=0.1), True, False,
+                                    "sharded along dim 0"),
+}
+
+
+def _dist_batch(step: int):
+    from test_training_loops import WORLD
+
+    g = torch.Generator().manual_seed(70 + step)
+    return torch.randn(WORLD * DIST_ROWS, 6, generator=g), torch.randn(WORLD * DIST_ROWS, 3, generator=g)
+
+
+def _dist_run(case_id: str, rank: int):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from test_training_loops import WORLD, _full, _fully_shard
+
+    constrain, make_opt, fsdp, skip_first, _ = DIST_CASES[case_id]
+    model = _dist_build()
+    if fsdp:
+        wrapped = _fully_shard(model)
+        constrain(model)  # after fully_shard: the sharded parameters
+    else:
+        constrain(model)
+        wrapped = DDP(model)
+    opt = make_opt(wrapped.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if skip_first else None
+    if scaler is not None:
+        torchreg.configure(model, grad_scaler=scaler)
+    record = {"params": [], "error": None}
+    for step in range(DIST_STEPS):
+        x, y = _dist_batch(step)
+        x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        if skip_first and step == 0 and rank == 0:
+            x = x.clone()
+            x[0, 0] = float("inf")
+        opt.zero_grad()
+        loss = ((wrapped(x) - y) ** 2).mean()
+        before = [_full(p) for p in model.parameters()]
+        try:
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+        except ValueError as error:
+            record["error"] = str(error)
+            record["unchanged"] = all(torch.equal(b, _full(p)) for b, p in zip(before, model.parameters()))
+            break
+        record["params"].append({n: _full(p) for n, p in model.named_parameters()})
+    return record
+
+
+def _dist_worker(rank: int, port: int, out_dir: str) -> None:
+    import datetime
+    import os
+    import traceback
+    import warnings
+
+    import torch.distributed as dist
+    from test_training_loops import WORLD
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    results = {}
+    try:
+        for case_id in DIST_CASES:
+            try:
+                results[case_id] = _dist_run(case_id, rank)
+            except Exception:
+                results[case_id] = {"crash": traceback.format_exc()}
+            dist.barrier()
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory):
+    from test_training_loops import spawn_ranks
+
+    return spawn_ranks(_dist_worker, tmp_path_factory.mktemp("constraints_dist"))
+
+
+def _dist_reference(case_id: str):
+    """One process, the concatenated batch (a skipped first step: no step at all)."""
+    constrain, make_opt, _, skip_first, _ = DIST_CASES[case_id]
+    model = _dist_build()
+    constrain(model)
+    opt = make_opt(model.parameters())
+    out = []
+    for step in range(DIST_STEPS):
+        if not (skip_first and step == 0):
+            x, y = _dist_batch(step)
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+        out.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    return out
+
+
+@pytest.mark.parametrize("case_id", list(DIST_CASES))
+def test_distributed_ranks_agree_and_match_one_process(case_id, dist_results):
+    per_rank = [r[case_id] for r in dist_results]
+    for rank, record in enumerate(per_rank):
+        assert "crash" not in record, f"rank {rank}:\n{record['crash']}"
+    error = DIST_CASES[case_id][4]
+    if error:
+        for record in per_rank:
+            assert error in record["error"] and "MaxNorm" in record["error"], record["error"]
+            assert record["unchanged"]  # raised before the step changed anything
+        return
+    for a, b in zip(*(record["params"] for record in per_rank)):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name  # the same projection on every rank, bit for bit
+    for step, (got, want) in enumerate(zip(per_rank[0]["params"], _dist_reference(case_id))):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"step {step} {name}: {m}")
+    final = per_rank[0]["params"][-1]
+    if case_id.endswith("maxnorm-nonneg") or case_id.startswith("fsdp2-adagrad"):
+        assert torch.linalg.vector_norm(final["0.weight"], dim=1).max() <= 1.0 + 1e-6
+        assert (final["2.weight"] >= 0).all() and (final["2.bias"] >= 0).all()
+    if case_id == "ddp-rmsprop-grad-scaler-skip":
+        assert torch.equal(per_rank[0]["params"][0]["0.weight"], _dist_build()[0].weight.detach())  # skipped
