@@ -670,6 +670,16 @@ def test_bad_input_changes_nothing(call, exc, match):
     assert _units(model) == before  # nothing attached
 
 
+def test_a_parameter_constrained_by_an_enclosing_call_is_not_constrained_again():
+    model = torchreg.MaxNorm(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), 1.0)
+    with pytest.raises(ValueError, match=r"parameter 'weight' is already constrained .*MaxNorm"):
+        torchreg.UnitNorm(model[0])
+    assert "_torchreg_constraints" not in model[0].__dict__
+    torchreg.L2(model[0], 1e-3)  # a penalty on it is fine
+    with pytest.raises(ValueError, match="already regularized"):
+        torchreg.L1(model, 1e-3)  # a second penalty is not
+
+
 def test_bad_tuple_through_apply_regularization_changes_nothing():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     torchreg.UnitNorm(model[1])
