@@ -101,7 +101,8 @@ def _compile_one(value: Any, label: str) -> Rule:
         if isinstance(rule, Rule):
             return rule
     raise TypeError(
-        f"rule {label}: a value must be a torchreg rule such as torchreg.L1(lam=1e-4) or torchreg.MaxNorm(3.0), "
+        f"rule {label}: a value must be a torchreg regularizer such as torchreg.L1(lam=1e-4) or constraint such as "
+        f"torchreg.MaxNorm(3.0), "
         f"a functools.partial of one such as functools.partial(torchreg.L1, lam=1e-4), a tuple or list of "
         f"those (one of each kind: penalty, activity, constraint), or None to exclude the module; got "
         f"{value!r} ({type(value).__name__})"
