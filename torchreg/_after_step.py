@@ -73,9 +73,10 @@ LBFGS, a user's subclass: each calls the global step hooks), with the same conse
 once per step, none on a skipped step, only the parameters the optimizer holds and updated. When a
 parameter carries a proximal regularizer and a constraint, the prox runs first and the projection
 second, so that the weights after every step satisfy the constraint. Under FSDP2 a constraint
-projects each rank's local shard: exact when every group lies within a shard (``dim=0`` under the
-default ``Shard(0)``; ``NonNeg`` always); a parameter sharded along a dimension that a constraint's
-norm runs over raises at the first step, before the step changes anything.
+projects each rank's local shard when every group lies within a shard (``dim=0`` under the default
+``Shard(0)``; ``NonNeg`` always): no communication. When a group spans shards (``dim=1`` on a
+``Shard(0)`` weight) it projects the DTensor itself, whose norms DTensor reduces across the ranks (one
+all-reduce of the group norms per parameter and step): exact either way.
 """
 
 from __future__ import annotations
@@ -164,14 +165,13 @@ def _after_step(optimizer: Any, args: Any, kwargs: Any) -> None:
                 entry.rule.prox_(local, step, **state_kw(entry, local))
         for p, unit, entry, group in plan:  # then the constraints' projections, after any prox
             if p.grad is not None and not entry.rule.proximal:
-                entry.rule.project_(_local(p))
+                # A group that spans shards is projected on the DTensor itself: its norms are reduced
+                # across the ranks (a collective; every rank steps the same parameters). Else locally.
+                entry.rule.project_(p if _spans_shards(p, entry.rule) else _local(p))
 
 
 # -- checks ----------------------------------------------------------------------------------
 def _check(optimizer: Any, plan: List[Tuple[Tensor, Any, Any, Dict[str, Any]]]) -> None:
-    for p, _, entry, _ in plan:
-        if not entry.rule.proximal:  # a constraint: any optimizer; only its groups against the shards
-            _check_shards(p, entry.rule, entry.name)
     plan = [(p, entry.rule, group, entry.name) for p, _, entry, group in plan if entry.rule.proximal]
     if not plan:
         return
@@ -208,19 +208,13 @@ def _check(optimizer: Any, plan: List[Tuple[Tensor, Any, Any, Dict[str, Any]]]) 
                     f"instead, or use proximal=False.")
 
 
-def _check_shards(p: Tensor, rule: Any, name: str) -> None:
-    """Raise if ``p`` is a DTensor sharded along a dimension that the constraint ``rule`` couples."""
+def _spans_shards(p: Tensor, rule: Any) -> bool:
+    """Whether ``p`` is a DTensor sharded along a dimension that ``rule`` couples (a group spans shards)."""
     placements = getattr(p, "placements", None)
     if placements is None:
-        return
+        return False
     coupled = {d % p.ndim for d in rule._coupled_dims(p)}
-    split = [pl.dim for pl in placements if hasattr(pl, "dim") and pl.is_shard() and pl.dim % p.ndim in coupled]
-    if split:
-        raise ValueError(
-            f"torchreg: {rule!r} on {name!r}: the parameter is sharded along dim {split[0]}, over which the "
-            f"constraint takes its norms (a group spans shards), so it cannot be projected on the local "
-            f"shards. Shard along the constraint's dim (fully_shard(..., shard_placement_fn=...)) or choose "
-            f"dim={split[0]}, or apply the constraint to an unsharded parameter.")
+    return any(pl.is_shard() and pl.dim % p.ndim in coupled for pl in placements if hasattr(pl, "dim"))
 
 
 # -- steps ---------------------------------------------------------------------------------------

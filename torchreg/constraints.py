@@ -129,7 +129,12 @@ class Constraint(Rule):
 
     # -- the maths --------------------------------------------------------------------------
     def project_(self, param: Tensor) -> None:
-        """Replace ``param`` in place by its projection (called with gradients disabled)."""
+        """Replace ``param`` in place by its projection (called with gradients disabled).
+
+        ``param`` is a plain tensor (a DTensor's local shard under FSDP2), or, when the parameter is
+        sharded along a dimension :meth:`_coupled_dims` names, the DTensor itself: torch ops on it then
+        reduce across the ranks (keep reductions' results out of in-place ops, as DTensor requires).
+        """
         raise NotImplementedError
 
     def _coupled_dims(self, param: Tensor) -> Tuple[int, ...]:
@@ -431,7 +436,7 @@ class UnitNorm(_NormConstraint):
         self._init_selection(params)
 
     def project_(self, param: Tensor) -> None:
-        param.div_(self.group_norms(param).add_(EPSILON))
+        param.div_(self.group_norms(param) + EPSILON)  # (out of place: a sharded norm is a partial sum)
 
 
 class NonNeg(Constraint):
