@@ -26,28 +26,18 @@ group of norm 0 stays 0 (no division by zero), and a group inside the feasible s
 here names the one dimension that is *kept* (one norm per index along it), in torch's layout. The
 default ``dim=0`` is one norm per output unit or filter, Keras' default ``axis=0``:
 
-=====================================  ===========================  ==================================
-layer (torch weight shape)             Keras kernel, Keras axis      here
-=====================================  ===========================  ==================================
-``Linear`` ``(out, in)``                ``Dense`` ``(in, out)``,      ``dim=0`` (default)
-                                        ``axis=0``
-``Conv1d`` ``(out, in, k)``             ``(k, in, out)``,             ``dim=0`` (default)
-                                        ``axis=[0, 1]``
-``Conv2d`` ``(out, in, kh, kw)``        ``(kh, kw, in, out)``,        ``dim=0`` (default)
-                                        ``axis=[0, 1, 2]``
-``LSTM`` ``weight_ih_l0 (4h, in)``,     ``kernel (in, 4h)``,          ``dim=0`` (default); the gate
-``weight_hh_l0 (4h, h)``                ``recurrent_kernel (h, 4h)``, order (i, f, g/c, o) is the same
-                                        ``axis=0``
-``Embedding`` ``(num, emb)``            ``embeddings (num, emb)``     ``dim=0``: one norm per token
-                                        (the same layout)             (Keras' ``axis=1``, and
-                                                                      ``nn.Embedding(max_norm=)``);
-                                                                      ``dim=1``: per feature, over the
-                                                                      vocabulary (Keras' default
-                                                                      ``axis=0`` on an ``Embedding``)
-a bias ``(out,)``                       ``bias_constraint``,          ``dim=None`` (one norm over the
-                                        ``axis=0``                    vector); ``dim=0`` is one norm
-                                                                      per element, ``|b_g|``
-=====================================  ===========================  ==================================
+* ``Linear.weight`` ``(out, in)``: Keras' ``Dense`` kernel ``(in, out)`` with ``axis=0`` is ``dim=0``;
+* ``Conv1d.weight`` ``(out, in, k)``: Keras' ``(k, in, out)`` with ``axis=[0, 1]`` is ``dim=0``;
+* ``Conv2d.weight`` ``(out, in, kh, kw)``: Keras' ``(kh, kw, in, out)`` with ``axis=[0, 1, 2]`` is
+  ``dim=0``;
+* ``LSTM.weight_ih_l0`` ``(4h, in)`` and ``weight_hh_l0`` ``(4h, h)``: Keras' ``kernel`` ``(in, 4h)``
+  and ``recurrent_kernel`` ``(h, 4h)`` with ``axis=0`` are ``dim=0`` (the gate order i, f, g/c, o is
+  the same);
+* ``Embedding.weight`` ``(num, emb)``, the layout of Keras' ``embeddings``: ``dim=0`` is one norm per
+  token (Keras' ``axis=1``; the grouping of ``nn.Embedding(max_norm=)``), ``dim=1`` one norm per
+  feature over the vocabulary (Keras' default ``axis=0`` on an ``Embedding``);
+* a bias ``(out,)``: Keras' ``bias_constraint`` with ``axis=0`` (one norm over the vector) is
+  ``dim=None``; ``dim=0`` is one norm per element, ``|b_g|`` (as ``torch.renorm``).
 
 ``dim=None`` takes one norm over the whole parameter (Keras' ``axis=None``).
 """
