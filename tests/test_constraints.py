@@ -573,6 +573,19 @@ def test_apply_regularization_first_rule_of_each_kind():
     assert _constraint_unit.owner_of(model[0].weight) is None and _constraint_unit.owner_of(model[1].weight)
 
 
+def test_constraint_only_rules_attach_no_penalty_unit():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    torchreg.apply_regularization(model, {"0": None, nn.Linear: torchreg.MaxNorm(1.0)})
+    assert [type(u).__name__ for u in _units(model)] == ["ConstraintUnit"]
+    records = torchreg.summary(model).records
+    assert [(r["module"], r["note"]) for r in records] == [("0", "excluded, with its submodules"),
+                                                            ("2", _constraint_unit.NOTE)]
+    assert "not covered: none" in str(torchreg.summary(model))  # the excluded one is not "uncovered"
+    assert torchreg.configure(model, accumulation_steps=2) is model  # nothing to scale: accepted
+    torchreg.L2(model, 1e-3)  # a penalty may still be applied to the same model
+    assert len(_units(model)) == 2
+
+
 def test_summary_remove_and_is_regularized():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     torchreg.NonNeg(model[2], params=["weight", "bias"])
