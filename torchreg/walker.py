@@ -166,8 +166,9 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
     those with one rule of each kind (a penalty, an activity penalty, a constraint:
     ``(torchreg.L2(1e-4), torchreg.MaxNorm(3.0))``), or ``None``, which leaves the module *and its
     submodules* alone whatever later rules say. Each kind is matched on its own: a module gets the
-    first matching rule that has a rule of that kind (a ``None`` rule counts for every kind). A matched module with nothing selected (an activation,
-    a norm layer caught by a pattern) is skipped and listed as such by :func:`torchreg.summary`; a
+    first matching rule that has a rule of that kind, a ``None`` rule counting for every kind (a
+    constraint or activity rule matched *before* the ``None`` still applies to the module itself). A
+    matched module with nothing selected (an activation, a norm layer caught by a pattern) is skipped and listed as such by :func:`torchreg.summary`; a
     rule that matches no module, or selects no parameter in the modules it matches (or only parameters
     tied to ones covered under a module walked earlier), warns. :func:`torchreg.summary` lists the
     weights no rule covers, by module type.
@@ -211,8 +212,12 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
         >>> mlp = torchreg.apply_regularization(                 # a penalty and a constraint
         ...     nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)),
         ...     {nn.Linear: (torchreg.L2(1e-4), torchreg.MaxNorm(3.0))})
-        >>> [(r["module"], r["regularizer"]) for r in torchreg.summary(mlp).records]
-        [('0', 'L2(lam=0.0001)'), ('2', 'L2(lam=0.0001)'), ('0', 'MaxNorm(max_value=3.0, dim=0)'), ('2', 'MaxNorm(max_value=3.0, dim=0)')]
+        >>> for record in torchreg.summary(mlp).records:
+        ...     print(record["module"], record["regularizer"])
+        0 L2(lam=0.0001)
+        2 L2(lam=0.0001)
+        0 MaxNorm(max_value=3.0, dim=0)
+        2 MaxNorm(max_value=3.0, dim=0)
     """
     check_hookable(model, "apply_regularization")
     compiled = _compile_rules(rules)
