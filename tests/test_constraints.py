@@ -748,17 +748,16 @@ def test_dropped_model_is_freed():
 
 
 # == DDP and FSDP2 (2 gloo processes, one spawn) =====================================================
-DIST_STEPS = 3
-DIST_ROWS = 4  # per rank and step
+# The training of tests/test_prox_distributed.py (its model, batches, loop and one-process reference),
+# with constraints on weights made infeasible first.
+def _infeasible(constrain):
+    def regularize(model: nn.Module) -> None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(5)
+        constrain(model)
 
-
-def _dist_build() -> nn.Module:
-    torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(5)  # infeasible for the constraints below
-    return model
+    return regularize
 
 
 def _maxnorm_nonneg(model: nn.Module) -> None:
@@ -766,78 +765,30 @@ def _maxnorm_nonneg(model: nn.Module) -> None:
     torchreg.NonNeg(model[2], params=["weight", "bias"])
 
 
-def _prox_and_unitnorm(model: nn.Module) -> None:
-    torchreg.apply_regularization(model, {nn.Linear: (torchreg.L1(0.05, proximal=True), torchreg.UnitNorm())})
+def _dist_cases():
+    from test_prox_distributed import Case
+
+    return [
+        Case("ddp-adam-maxnorm-nonneg", _infeasible(_maxnorm_nonneg), lambda p: torch.optim.Adam(p, lr=0.05)),
+        Case("ddp-sgd-prox-then-unitnorm", _infeasible(lambda m: torchreg.apply_regularization(
+            m, {nn.Linear: (torchreg.L1(0.05, proximal=True), torchreg.UnitNorm())})),
+            lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.5)),
+        Case("ddp-rmsprop-grad-scaler-skip", _infeasible(lambda m: torchreg.MinMaxNorm(m, 0.5, 1.0, rate=0.5)),
+             lambda p: torch.optim.RMSprop(p, lr=0.01), skip_first=True),
+        Case("fsdp2-adagrad-rows-within-shards", _infeasible(_maxnorm_nonneg),
+             lambda p: torch.optim.Adagrad(p, lr=0.5), fsdp=True),
+        # groups across FSDP2's Shard(0): the norms are reduced across the ranks
+        Case("fsdp2-columns-across-shards", _infeasible(lambda m: torchreg.MaxNorm(m[0], 1.0, dim=1)),
+             lambda p: torch.optim.SGD(p, lr=0.1), fsdp=True),
+        Case("fsdp2-unit-and-minmax-whole-model", _infeasible(lambda m: torchreg.apply_regularization(m, {
+            "0": torchreg.UnitNorm(dim=1), "2": torchreg.MinMaxNorm(0.5, 1.0, rate=0.5, dim=None)})),
+            lambda p: torch.optim.Adam(p, lr=0.05), fsdp=True),
+    ]
 
 
-def _minmax(model: nn.Module) -> None:
-    torchreg.MinMaxNorm(model, 0.5, 1.0, rate=0.5)
-
-
-def _columns(model: nn.Module) -> None:
-    torchreg.MaxNorm(model[0], 1.0, dim=1)  # norms over dim 0, which FSDP2 shards: reduced across ranks
-
-
-DIST_CASES = {
-    # id: (constrain, optimizer, fsdp, skip_first)
-    "ddp-adam-maxnorm-nonneg": (_maxnorm_nonneg, lambda p: torch.optim.Adam(p, lr=0.05), False, False),
-    "ddp-sgd-prox-then-unitnorm": (_prox_and_unitnorm, lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.5),
-                                   False, False),
-    "ddp-rmsprop-grad-scaler-skip": (_minmax, lambda p: torch.optim.RMSprop(p, lr=0.01), False, True),
-    "fsdp2-adagrad-rows-within-shards": (_maxnorm_nonneg, lambda p: torch.optim.Adagrad(p, lr=0.5), True, False),
-    # groups across FSDP2's Shard(0): the norms are reduced across the ranks
-    "fsdp2-columns-across-shards": (_columns, lambda p: torch.optim.SGD(p, lr=0.1), True, False),
-    "fsdp2-unit-and-minmax-whole-model": (lambda m: torchreg.apply_regularization(m, {
-        "0": torchreg.UnitNorm(dim=1), "2": torchreg.MinMaxNorm(0.5, 1.0, rate=0.5, dim=None)}),
-        lambda p: torch.optim.Adam(p, lr=0.05), True, False),
-}
-
-
-def _dist_batch(step: int):
-    from test_training_loops import WORLD
-
-    g = torch.Generator().manual_seed(70 + step)
-    return torch.randn(WORLD * DIST_ROWS, 6, generator=g), torch.randn(WORLD * DIST_ROWS, 3, generator=g)
-
-
-def _dist_run(case_id: str, rank: int):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from test_training_loops import WORLD, _full, _fully_shard
-
-    constrain, make_opt, fsdp, skip_first = DIST_CASES[case_id]
-    model = _dist_build()
-    if fsdp:
-        wrapped = _fully_shard(model)
-        constrain(model)  # after fully_shard: the sharded parameters
-    else:
-        constrain(model)
-        wrapped = DDP(model)
-    opt = make_opt(wrapped.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if skip_first else None
-    if scaler is not None:
-        torchreg.configure(model, grad_scaler=scaler)
-    record = {"params": [], "error": None}
-    for step in range(DIST_STEPS):
-        x, y = _dist_batch(step)
-        x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-        if skip_first and step == 0 and rank == 0:
-            x = x.clone()
-            x[0, 0] = float("inf")
-        opt.zero_grad()
-        loss = ((wrapped(x) - y) ** 2).mean()
-        try:
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-        except ValueError as error:
-            record["error"] = str(error)
-            break
-        record["params"].append({n: _full(p) for n, p in model.named_parameters()})
-    return record
+DIST_CASE_IDS = ["ddp-adam-maxnorm-nonneg", "ddp-sgd-prox-then-unitnorm", "ddp-rmsprop-grad-scaler-skip",
+                 "fsdp2-adagrad-rows-within-shards", "fsdp2-columns-across-shards",
+                 "fsdp2-unit-and-minmax-whole-model"]
 
 
 def _dist_worker(rank: int, port: int, out_dir: str) -> None:
@@ -847,6 +798,7 @@ def _dist_worker(rank: int, port: int, out_dir: str) -> None:
     import warnings
 
     import torch.distributed as dist
+    from test_prox_distributed import run_case
     from test_training_loops import WORLD
 
     torch.set_num_threads(1)
@@ -855,11 +807,11 @@ def _dist_worker(rank: int, port: int, out_dir: str) -> None:
                             timeout=datetime.timedelta(seconds=60))
     results = {}
     try:
-        for case_id in DIST_CASES:
+        for case in _dist_cases():
             try:
-                results[case_id] = _dist_run(case_id, rank)
+                results[case.id] = run_case(case, rank)
             except Exception:
-                results[case_id] = {"crash": traceback.format_exc()}
+                results[case.id] = {"crash": traceback.format_exc()}
             dist.barrier()
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -873,42 +825,29 @@ def dist_results(tmp_path_factory):
     return spawn_ranks(_dist_worker, tmp_path_factory.mktemp("constraints_dist"))
 
 
-def _dist_reference(case_id: str):
-    """One process, the concatenated batch (a skipped first step: no step at all)."""
-    constrain, make_opt, _, skip_first = DIST_CASES[case_id]
-    model = _dist_build()
-    constrain(model)
-    opt = make_opt(model.parameters())
-    out = []
-    for step in range(DIST_STEPS):
-        if not (skip_first and step == 0):
-            x, y = _dist_batch(step)
-            opt.zero_grad()
-            ((model(x) - y) ** 2).mean().backward()
-            opt.step()
-        out.append({n: p.detach().clone() for n, p in model.named_parameters()})
-    return out
-
-
-@pytest.mark.parametrize("case_id", list(DIST_CASES))
+@pytest.mark.parametrize("case_id", DIST_CASE_IDS)
 def test_distributed_ranks_agree_and_match_one_process(case_id, dist_results):
+    from test_prox_distributed import build, reference
+
+    case = next(c for c in _dist_cases() if c.id == case_id)
     per_rank = [r[case_id] for r in dist_results]
     for rank, record in enumerate(per_rank):
         assert "crash" not in record, f"rank {rank}:\n{record['crash']}"
-    for record in per_rank:
         assert record["error"] is None, record["error"]
     for a, b in zip(*(record["params"] for record in per_rank)):
         for name in a:
             assert torch.equal(a[name], b[name]), name  # the same projection on every rank, bit for bit
-    for step, (got, want) in enumerate(zip(per_rank[0]["params"], _dist_reference(case_id))):
+    for step, (got, want) in enumerate(zip(per_rank[0]["params"], reference(case))):
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6,
                                        msg=lambda m: f"step {step} {name}: {m}")
     final = per_rank[0]["params"][-1]
-    if case_id.endswith("maxnorm-nonneg") or case_id.startswith("fsdp2-adagrad"):
+    if "maxnorm-nonneg" in case_id or "rows-within" in case_id:
         assert torch.linalg.vector_norm(final["0.weight"], dim=1).max() <= 1.0 + 1e-6
         assert (final["2.weight"] >= 0).all() and (final["2.bias"] >= 0).all()
     if case_id == "fsdp2-columns-across-shards":
         assert torch.linalg.vector_norm(final["0.weight"], dim=0).max() <= 1.0 + 1e-6
-    if case_id == "ddp-rmsprop-grad-scaler-skip":
-        assert torch.equal(per_rank[0]["params"][0]["0.weight"], _dist_build()[0].weight.detach())  # skipped
+    if case_id == "ddp-rmsprop-grad-scaler-skip":  # the first step was skipped: no projection either
+        start = build()
+        _infeasible(lambda m: None)(start)
+        assert torch.equal(per_rank[0]["params"][0]["0.weight"], start[0].weight.detach())
