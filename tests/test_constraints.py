@@ -303,7 +303,7 @@ def test_repr_copy_pickle():
         "MinMaxNorm(min_value=0.1, max_value=2.0, rate=0.5, dim=-1)",
         "UnitNorm(dim=1)",
         "NonNeg()",
-        "NonNeg(params='a*,b')",
+        "NonNeg(params=['a*', 'b'])",
     ]
     for rule in rules:
         for other in (copy.deepcopy(rule), copy.copy(rule), pickle.loads(pickle.dumps(rule))):
@@ -565,8 +565,8 @@ def test_apply_regularization_first_rule_of_each_kind():
         nn.ReLU: torchreg.ActivityL2(1e-3),
     })
     rows = [(r["module"], r["regularizer"]) for r in torchreg.summary(model).records]
-    assert rows == [("0", "L2(lam=0.001)"), ("2", "L2(lam=0.001)"), ("0", "UnitNorm(dim=0)"),
-                    ("2", "MaxNorm(max_value=2.0, dim=0)"), ("1", "ActivityL2(lam=0.001)")]
+    assert rows == [("0", "L2(lam=0.001)"), ("0", "UnitNorm(dim=0)"), ("1", "ActivityL2(lam=0.001)"),
+                    ("2", "L2(lam=0.001)"), ("2", "MaxNorm(max_value=2.0, dim=0)")]
     # a None rule excludes every kind when it comes first
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     torchreg.apply_regularization(model, {"0": None, nn.Linear: (torchreg.L2(1e-3), torchreg.NonNeg())})
@@ -592,7 +592,7 @@ def test_summary_remove_and_is_regularized():
     assert torchreg.is_regularized(model) and torchreg.is_regularized(model[2])
     assert not torchreg.is_regularized(model[0])
     text = str(torchreg.summary(model))
-    assert "NonNeg(params='weight,bias')" in text and _constraint_unit.NOTE in text
+    assert "NonNeg(params=['weight', 'bias'])" in text and _constraint_unit.NOTE in text
     assert "10 constrained elements" in text and "not covered: 1 weight of Linear" in text
     record = torchreg.summary(model).records[0]
     assert record["parameters"] == ["weight", "bias"] and record["penalty"] is None and record["numel"] == 10

@@ -66,8 +66,9 @@ class Summary:
     Each record has the keys ``module`` (qualified path), ``type``, ``rule`` (which rule matched,
     in rule order), ``regularizer`` (its repr, or ``None`` for a skipped module), ``parameters`` (the
     covered names), ``numel``, ``penalty`` (a float) and ``note`` (why a module was skipped). A weight
-    constraint (``torchreg.MaxNorm``, ...) has rows of its own, after the penalties', with ``regularizer``
-    the constraint's repr, ``penalty`` ``None`` and the note ``"constraint, after each optimizer step"``.
+    constraint (``torchreg.MaxNorm``, ...) has rows of its own (after a module's penalty row), with
+    ``regularizer`` the constraint's repr, ``penalty`` ``None`` and the note
+    ``"constraint, after each optimizer step"``.
 
     :attr:`uncovered` has one dict per module type, in the order the modules are walked, with the keys
     ``type`` (the class name), ``count`` (how many weights), ``numel``, ``frozen`` (how many of them

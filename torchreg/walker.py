@@ -215,8 +215,8 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
         >>> for record in torchreg.summary(mlp).records:
         ...     print(record["module"], record["regularizer"])
         0 L2(lam=0.0001)
-        2 L2(lam=0.0001)
         0 MaxNorm(max_value=3.0, dim=0)
+        2 L2(lam=0.0001)
         2 MaxNorm(max_value=3.0, dim=0)
     """
     check_hookable(model, "apply_regularization")
