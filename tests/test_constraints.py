@@ -15,6 +15,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from torchreg.constraints import Constraint, MaxNorm, MinMaxNorm, NonNeg, UnitNorm
@@ -157,6 +159,29 @@ def test_every_dim_equals_keras_axis_of_the_other_dims(shape):
             got = w.clone()
             rule.project_(got)
             np.testing.assert_allclose(got.numpy(), keras(w.numpy()), rtol=1e-12, err_msg=f"{rule!r}")
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=4), data=st.data())
+def test_random_shapes_dims_and_options_equal_keras(shape, data):
+    ndim = len(shape)
+    dim = data.draw(st.one_of(st.none(), st.integers(-ndim, ndim - 1)), label="dim")
+    low = data.draw(st.floats(0, 3), label="min_value")
+    high = low + data.draw(st.floats(0, 3), label="width")
+    rate = data.draw(st.floats(0, 1), label="rate")
+    scale = data.draw(st.sampled_from([0.0, 1e-3, 1.0, 50.0]), label="scale")
+    w = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(len(shape))) * scale
+    axis = None if dim is None else tuple(d for d in range(ndim) if d != dim % ndim)
+    for rule, keras in [
+        (MaxNorm(high, dim=dim), lambda k: keras_max_norm(k, high, axis)),
+        (UnitNorm(dim=dim), lambda k: keras_unit_norm(k, axis)),
+        (MinMaxNorm(low, high, rate=rate, dim=dim), lambda k: keras_min_max_norm(k, low, high, rate, axis)),
+        (NonNeg(), keras_non_neg),
+    ]:
+        got = w.clone()
+        rule.project_(got)
+        want = keras(w.numpy())  # (a vector with dim=0: axis=(), numpy reduces nothing: one element per group)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-300, err_msg=repr(rule))
 
 
 @pytest.mark.parametrize("rule,keras", [
