@@ -718,6 +718,25 @@ def test_a_parameter_constrained_by_an_enclosing_call_is_not_constrained_again()
         torchreg.L1(model, 1e-3)  # a second penalty is not
 
 
+def test_kernel_and_bias_constraints_on_one_layer():
+    # Keras' Dense(kernel_constraint=MaxNorm(1), bias_constraint=NonNeg())
+    layer = torchreg.NonNeg(torchreg.MaxNorm(_linear(), 1.0), params="bias")
+    assert len(_units(layer)) == 1
+    with torch.no_grad():
+        layer.bias.fill_(-1.0)
+    for model in (layer, copy.deepcopy(layer)):
+        model(torch.randn(2, 4)).sum().backward()
+        torch.optim.Adam(model.parameters(), lr=0.01).step()
+        assert torch.linalg.vector_norm(model.weight, dim=1).max() <= 1.0 + 1e-6 and (model.bias == 0).all()
+    rows = [(r["parameters"], r["regularizer"]) for r in torchreg.summary(layer).records]
+    assert rows == [(["weight"], "MaxNorm(max_value=1.0, dim=0)"), (["bias"], "NonNeg(params='bias')")]
+    with pytest.raises(ValueError, match="parameter 'bias' is already constrained"):
+        torchreg.UnitNorm(layer, dim=None, params="bias")
+    assert len(_units(layer)[0].entries) == 2  # nothing added
+    torchreg.remove_regularization(layer)
+    assert not torchreg.is_regularized(layer)
+
+
 def test_bad_tuple_through_apply_regularization_changes_nothing():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     torchreg.UnitNorm(model[1])

@@ -3,7 +3,9 @@
 One :class:`ConstraintUnit` is made per call that applies constraints (``MaxNorm(layer, 3.0)``, an
 ``apply_regularization`` with constraint rules) and kept on the module it was applied to, under its own
 attribute (kind ``"constraint"`` in ``_registry``), apart from the penalty unit: one parameter may carry
-one penalty and one constraint, two constraints are refused. It registers no hook of its own: the
+one penalty and one constraint, two constraints are refused. A second call on the same module adds its
+(other) parameters to the unit there: ``NonNeg(MaxNorm(layer, 3.0), params="bias")`` is Keras'
+``kernel_constraint=MaxNorm(3), bias_constraint=NonNeg()``. It registers no hook of its own: the
 optimizer-step hooks of ``_after_step`` apply each entry's ``rule.project_`` after every step of an
 optimizer that holds and updates the parameter. ``_tracking.ParamTracker`` follows parameters that
 ``load_state_dict(assign=True)`` replaces; parameters replaced otherwise (``to_empty``, ``fully_shard``)
@@ -88,6 +90,13 @@ class ConstraintUnit:
         if self.root.__dict__.get(ATTR) is self:
             delattr(self.root, ATTR)
 
+    def extend(self, entries: Sequence[Entry], skipped: Sequence[Skipped] = ()) -> None:
+        """Constrain more parameters of the same root (checked by :func:`check` already)."""
+        self.entries.extend(entries)
+        self.skipped.extend(skipped)
+        _registry.claim(self, KIND, [e.param for e in entries])
+        self._fresh = True  # the first-step checks again, for the new entries
+
     # -- what the tracker and the after-step hooks ask ----------------------------------------------
     @staticmethod
     def _takes_hook(entry: Entry) -> bool:
@@ -116,12 +125,6 @@ class ConstraintUnit:
 def check(root: nn.Module, entries: Iterable[Entry]) -> List[Entry]:
     """Raise (before anything changes) if ``entries`` cannot be constrained on ``root``; return them."""
     entries = list(entries)
-    existing = root.__dict__.get(ATTR)
-    if existing is not None:
-        raise ValueError(
-            f"{type(root).__name__} is already constrained by torchreg ({_rules_text(existing)}); call "
-            "torchreg.remove_regularization(module) first"
-        )
     inner = {id(e.param): u for u in _registry.units_in(root, KIND) for e in u.entries}
     for e in entries:
         other = owner_of(e.param) or inner.get(id(e.param))
@@ -140,9 +143,15 @@ def check(root: nn.Module, entries: Iterable[Entry]) -> List[Entry]:
 
 
 def attach(root: nn.Module, entries: Iterable[Entry], skipped: Sequence[Skipped] = ()) -> nn.Module:
-    """Make and install a constraint unit on ``root``; raise before changing anything if that would
-    constrain a parameter twice or a parameter cannot take its constraint."""
-    ConstraintUnit(root, check(root, entries), skipped).install()
+    """Make and install a constraint unit on ``root``, or add to the one there (other parameters of the
+    same module: Keras' ``kernel_constraint`` and ``bias_constraint``); raise before changing anything
+    if that would constrain a parameter twice or a parameter cannot take its constraint."""
+    entries = check(root, entries)
+    existing = root.__dict__.get(ATTR)
+    if existing is None:
+        ConstraintUnit(root, entries, skipped).install()
+    else:
+        existing.extend(entries, skipped)
     return root
 
 
