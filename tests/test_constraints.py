@@ -521,23 +521,25 @@ def test_no_projection_without_a_gradient_or_outside_the_optimizer():
     assert rule.calls == 0 and layer.weight.abs().max() > 0.5
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("fused", [False, True])
-def test_none_on_a_step_the_grad_scaler_skips(fused):
-    layer = _linear()
+def test_none_on_a_step_the_grad_scaler_skips(fused, device):
+    layer = _linear().to(device)
     rule = Counting(0.5)
     rule.apply(layer)
     opt = torch.optim.Adam(layer.parameters(), lr=0.01, fused=fused)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 8)
     torchreg.configure(layer, grad_scaler=scaler)
     before = layer.weight.detach().clone()
-    x = torch.randn(2, 4)
+    x = torch.randn(2, 4, device=device)
     x[0, 0] = float("inf")
     scaler.scale(layer(x).sum()).backward()
     scaler.step(opt)  # inf gradients: skipped (non-fused: step() not called; fused: found_inf)
     scaler.update()
     assert rule.calls == 0 and torch.equal(layer.weight, before)
     opt.zero_grad()
-    scaler.scale(layer(torch.randn(2, 4)).sum()).backward()
+    scaler.scale(layer(torch.randn(2, 4, device=device)).sum()).backward()
     scaler.step(opt)
     scaler.update()
     assert rule.calls == 1 and layer.weight.abs().max() <= 0.5
