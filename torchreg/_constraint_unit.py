@@ -14,7 +14,6 @@ are followed from the first optimizer step after install, before that step's pro
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Dict, Iterable, List, Sequence
 
 from torch import Tensor, nn
@@ -54,19 +53,13 @@ class ConstraintUnit:
     def _init_transient(self) -> None:
         self._fresh = True  # no optimizer step since install: check for replaced parameters first
 
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> Dict[str, Any]:  # (copy.deepcopy and pickle both use these two)
         return {k: self.__dict__[k] for k in ("root", "entries", "skipped", "tracker")}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._init_transient()
         self._register()
-
-    def __deepcopy__(self, memo: Dict[int, Any]) -> "ConstraintUnit":
-        new = ConstraintUnit.__new__(ConstraintUnit)
-        memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        return new
 
     # -- install --------------------------------------------------------------------------------
     def install(self) -> None:
