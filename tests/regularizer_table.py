@@ -285,11 +285,7 @@ _BAD_MODE = (Bad(dict(mode=1), TypeError, ("mode", "1")), Bad(dict(mode="diagona
 def _group_rows(dim: int) -> List[Row]:
     return [
         Row(f"GroupLasso-dim{dim}", torchreg.GroupLasso, dict(lam=LAM, dim=dim),
-            penalty=lambda w: LAM * group_norm_sum(w, dim), bad=_BAD_DIM, xfail={"create_graph": (
-                "torchreg bug: GroupLasso.grad_ scales norms.reciprocal() in place (.mul_), an output autograd "
-                "saves when create_graph=True records the term, so the second backward through .grad raises "
-                "'modified by an inplace operation ... output 0 of Reciprocal' (README: the term joins .grad's "
-                "graph)")}),
+            penalty=lambda w: LAM * group_norm_sum(w, dim), bad=_BAD_DIM),
         Row(f"GroupLasso-dim{dim}-prox", torchreg.GroupLasso, dict(lam=LAM, dim=dim, proximal=True),
             penalty=lambda w: LAM * group_norm_sum(w, dim), after_step=lambda w, s: group_prox(w, s, LAM, dim),
             optimizers=("SGD", "Adam"), bad=_BAD_DIM + (_BAD_PROXIMAL,)),

@@ -705,8 +705,9 @@ class GroupLasso(_OneStrength):
         if not self.lam:
             return
         norms = torch.linalg.vector_norm(param, dim=self._other_dims(param), keepdim=True)
-        coef = torch.where(norms > 0, norms.reciprocal().mul_(self.lam * alpha), 0)
-        grad.addcmul_(param, coef if scale is None else coef.mul_(scale))
+        # (out of place: under backward(create_graph=True) autograd saves the reciprocal for the term's graph)
+        coef = torch.where(norms > 0, norms.reciprocal() * (self.lam * alpha), 0)
+        grad.addcmul_(param, coef if scale is None else coef * scale)
 
     def prox_(self, param: Tensor, step: Any) -> None:
         """``w_g <- w_g * max(0, 1 - step * lam / ||w_g||)`` for a step shared by all elements.
