@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Set
+from typing import Any, Dict, Iterable, List, Sequence, Set
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +64,10 @@ class Summary:
 
     Each record has the keys ``module`` (qualified path), ``type``, ``rule`` (which rule matched,
     in rule order), ``regularizer`` (its repr, or ``None`` for a skipped module), ``parameters`` (the
-    covered names), ``numel``, ``penalty`` (a float) and ``note`` (why a module was skipped).
+    covered names), ``numel``, ``penalty`` (a float), ``note`` (why a module was skipped; which of its
+    parameters are tied to others) and ``tied`` (``{parameter: [the other qualified names of the same
+    tensor]}`` for the parameters of the row that are shared, e.g. ``{'weight':
+    ['transformer.wte.weight']}`` on GPT-2's ``lm_head`` row; ``{}`` when none is).
 
     :attr:`uncovered` has one dict per module type, in the order the modules are walked, with the keys
     ``type`` (the class name), ``count`` (how many weights), ``numel``, ``frozen`` (how many of them
@@ -118,7 +121,8 @@ class Summary:
 def summary(module: nn.Module) -> Summary:
     """A table of what is regularized in ``module``, one row per regularized or skipped module.
 
-    Rows come in the order the model's modules were walked; ``rule`` says which rule matched first.
+    Rows come in the order of ``module.named_modules()`` (a module's weight row before its activity row);
+    ``rule`` says which rule matched first.
     The lines after the table say which weights no rule covers, by module type ("not covered: 48
     weights of Conv1D (1,769,472 elements)"), so that a rule that missed a kind of layer shows at once;
     :attr:`Summary.uncovered` gives the same as dicts.
@@ -165,10 +169,45 @@ def summary(module: nn.Module) -> Summary:
                     r["penalty"] = (r["penalty"] or 0.0) + float(entry.rule.penalty(entry.param))
         for skip in unit.skipped:
             row(skip.name, skip.module_type, skip.origin, None)["note"] = skip.reason
+        _note_ties(unit.root, base, rows.values())
         order = {name: i for i, (name, _) in enumerate(unit.root.named_modules())}
         records.extend(sorted(rows.values(), key=lambda r: order.get(r.pop("_path"), -1)))
-    records.extend(_activity_engine.summary_records(module))  # activity rows, penalty None
+    for record in _activity_engine.summary_records(module):  # activity rows, penalty None
+        records.append(dict(record, tied={}))
+    order = {name: i for i, (name, _) in enumerate(module.named_modules())}
+    records.sort(key=lambda r: order.get(r["module"], len(order)))  # stable: weight rows before activity
     return Summary(records, _uncovered(module))
+
+
+def _note_ties(root: nn.Module, base: str, rows: Iterable[Dict[str, Any]]) -> None:
+    """Fill each row's ``tied`` and add "weight tied to lm_head.weight" to its note, for the parameters
+    the row is about (those it covers; every parameter inside an excluded module) that other names share."""
+    names: Dict[int, List[str]] = {}
+    for name, p in root.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(".".join(n for n in (base, name) if n))
+    for r in rows:
+        r["tied"] = {}
+        if not any(len(v) > 1 for v in names.values()):
+            continue
+        try:
+            owner = root.get_submodule(r["_path"])
+        except AttributeError:  # the model's structure changed since
+            continue
+        if r["note"] == EXCLUDED:
+            about = list(owner.named_parameters())
+        else:
+            about = [(leaf, owner._parameters[leaf]) for leaf in r["parameters"] if leaf in owner._parameters]
+            leaf, _, _ = r["note"].partition(" tied to ")
+            if leaf in owner._parameters and " tied to " in r["note"]:  # a tied parameter skipped here
+                about.append((leaf, owner._parameters[leaf]))
+        for leaf, p in about:
+            full = ".".join(n for n in (r["module"], leaf) if n)
+            others = [n for n in names.get(id(p), ()) if n != full]
+            if others:
+                r["tied"][leaf] = others
+                if f"{leaf} tied to " not in r["note"]:
+                    tie = f"{leaf} tied to {', '.join(others)}"
+                    r["note"] = f"{r['note']}; {tie}" if r["note"] else tie
 
 
 def _uncovered(module: nn.Module) -> List[Dict[str, Any]]:

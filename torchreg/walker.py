@@ -116,18 +116,26 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
     submodules* alone whatever later rules say. A matched module with nothing selected (an activation,
     a norm layer caught by a pattern) is skipped and listed as such by :func:`torchreg.summary`; a
     rule that matches no module, or selects no parameter in the modules it matches (or only parameters
-    tied to ones covered under a module walked earlier), warns. :func:`torchreg.summary` lists the
-    weights no rule covers, by module type.
+    tied to ones a module walked earlier owns), warns. :func:`torchreg.summary` lists the weights no
+    rule covers, by module type.
+
+    A parameter shared by several modules (GPT-2's ``lm_head.weight`` *is* ``transformer.wte.weight``)
+    is regularized once, under the rule of the first module walked that owns it and whose rule selects
+    it or excludes it: a ``None`` rule is a rule, so excluding the embedding keeps its weight
+    unregularized through the tied head too. A module no rule matched makes no claim. When the rules of
+    the modules sharing a parameter disagree, a warning names the modules and the rule that won
+    (``strict=True`` raises); :func:`torchreg.summary` shows the tie on each of their rows.
 
     The whole model is one unit: whenever a backward reaches any regularized parameter, every
     regularized parameter gets its gradient term once, exactly as ``loss + torchreg.penalty(model)``
-    would give, including branches this forward skipped. A parameter shared by several matched modules
-    (tied embeddings) is regularized once. Parameters of lazy modules are covered once they exist.
+    would give, including branches this forward skipped. Parameters of lazy modules are covered once
+    they exist.
 
     Args:
         model: the model to regularize.
         rules: an ordered mapping from rule key to rule value, as above.
-        strict: raise instead of warning when a rule matches no module or selects no parameter.
+        strict: raise instead of warning when a rule matches no module or selects no parameter, or
+            when the rules of modules sharing a parameter disagree.
 
     Returns:
         ``model``, with its parameters, ``state_dict`` and forward unchanged.
@@ -136,8 +144,8 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
         TypeError: ``model`` is not a module instance, or a rule key or value has the wrong type.
         ValueError: ``model`` is regularized already (applying twice would double the penalty), a
             selected parameter is regularized by another call, or (``strict=True``) a rule matches
-            no module or selects no parameter (none but tied ones covered already). Nothing is
-            changed when it raises.
+            no module or selects no parameter (none but tied ones claimed already), or modules
+            sharing a parameter have rules that disagree. Nothing is changed when it raises.
 
     Example::
 
@@ -157,16 +165,16 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
     """
     check_hookable(model, "apply_regularization")
     compiled = _compile_rules(rules)
-    entries, skipped, activity, hits, selected, tied = _plan(model, compiled)
+    entries, skipped, activity, hits, selected, tied, conflicts = _plan(model, compiled)
     problems = [f"rule {r.label} matched no module" for r, n in zip(compiled, hits) if n == 0] + [
         f"rule {r.label} matched {n} module(s) but selected no parameter of them"
         if not shared else
-        f"rule {r.label} matched {n} module(s) but every parameter it selected is tied to one regularized "
-        f"under a module walked earlier ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}), "
+        f"rule {r.label} matched {n} module(s) but every parameter it selected is tied to one that a module "
+        f"walked earlier regularizes or excludes ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}), "
         "so it regularizes nothing"
         for r, n, k, shared in zip(compiled, hits, selected, tied)
         if n and not k and r.regularizer is not None
-    ]
+    ] + conflicts
     if problems:
         message = f"apply_regularization on {type(model).__name__}: " + "; ".join(problems)
         if strict:
@@ -194,21 +202,43 @@ class _Plan(NamedTuple):
     activity: List[_activity_engine.ActivityEntry]
     hits: List[int]  # modules each rule matched
     selected: List[int]  # parameters newly covered by each rule
-    tied: List[List[str]]  # per rule: selected, but covered already under another module
+    tied: List[List[str]]  # per rule: selected, but claimed already under another module
+    conflicts: List[str]  # tied parameters whose modules' rules disagree, one sentence each
+
+
+class _Claim(NamedTuple):
+    """The first module walked that owns a parameter and whose rule selects or excludes it."""
+
+    name: str  # the parameter's qualified name under that module
+    module: str  # that module's path
+    rule: _Rule  # its rule; ``rule.regularizer is None``: excluded
 
 
 def _plan(model: nn.Module, compiled: List[_Rule]) -> _Plan:
     """Walk ``model`` with the compiled rules: the first matching rule of each kind (weights, activity)
     wins, ``None`` excludes a module with its submodules, a matched module contributes what its rule
-    selects among the parameters it owns directly, a tied parameter is covered once."""
+    selects among the parameters it owns directly. A tied parameter follows its first claim: the first
+    module walked whose rule selects it, or excludes it (with the module that owns it)."""
     hits = [0] * len(compiled)
     selected = [0] * len(compiled)  # parameters newly covered by each rule
-    tied: List[List[str]] = [[] for _ in compiled]  # selected, but covered already under another module
+    tied: List[List[str]] = [[] for _ in compiled]  # selected, but claimed already under another module
+    conflicts: List[str] = []
     entries: List[_engine.Entry] = []
     skipped: List[_engine.Skipped] = []
     excluded: List[str] = []
-    taken: Dict[int, str] = {}
+    claims: Dict[int, _Claim] = {}
     activity: List[_activity_engine.ActivityEntry] = []  # activity rules: a stream of their own
+
+    def claim(p: nn.Parameter, name: str, path: str, rule: _Rule) -> Optional[_Claim]:
+        """Claim ``p`` for ``rule``; the earlier claim if there is one (and a conflict if they disagree)."""
+        mine = _Claim(name, path, rule)
+        first = claims.setdefault(id(p), mine)
+        if first is mine:
+            return None
+        if _disagree(first.rule, rule):
+            conflicts.append(_conflict(first, mine))
+        return first
+
     for path, module in model.named_modules():
         if any(_inside(path, prefix) for prefix in excluded):
             continue
@@ -227,24 +257,51 @@ def _plan(model: nn.Module, compiled: List[_Rule]) -> _Plan:
         hits[index] += 1
         rule = compiled[index]
         kind = type(module).__name__
-        if rule.regularizer is None:
+        if rule.regularizer is None:  # claims every parameter inside, for the module that owns it
             excluded.append(path)
             skipped.append(_engine.Skipped(path, kind, f"rule {rule.label}", EXCLUDED))
+            for leaf, p in module.named_parameters():
+                name = _join(path, leaf)
+                claim(p, name, name.rpartition(".")[0], rule)
             continue
         chosen = select(module, rule.regularizer.params, recurse=False)
         if not chosen and (module._parameters or not module._modules):  # containers are walked into
             skipped.append(_engine.Skipped(path, kind, f"rule {rule.label}", "selects no parameter here"))
         for leaf, p in chosen:
-            name = f"{path}.{leaf}" if path else leaf
-            if id(p) in taken:
+            name = _join(path, leaf)
+            first = claim(p, name, path, rule)
+            if first is not None:
+                there = "excluded there" if first.rule.regularizer is None else "regularized once, there"
                 skipped.append(_engine.Skipped(path, kind, f"rule {rule.label}",
-                                               f"{leaf} is {taken[id(p)]}, regularized once"))
-                tied[index].append(f"{name} is {taken[id(p)]}")
+                                               f"{leaf} tied to {first.name}, {there}"))
+                tied[index].append(f"{name} is {first.name}")
                 continue
-            taken[id(p)] = name
             selected[index] += 1
             entries.append(_engine.Entry(name, p, rule.regularizer, f"rule {rule.label}"))
-    return _Plan(entries, skipped, activity, hits, selected, tied)
+    return _Plan(entries, skipped, activity, hits, selected, tied, conflicts)
+
+
+def _join(path: str, leaf: str) -> str:
+    return f"{path}.{leaf}" if path else leaf
+
+
+def _disagree(a: _Rule, b: _Rule) -> bool:
+    """Two rules that would treat a parameter differently (equal reprs count as the same rule)."""
+    if a.regularizer is None or b.regularizer is None:
+        return a.regularizer is not b.regularizer
+    return a.regularizer is not b.regularizer and repr(a.regularizer) != repr(b.regularizer)
+
+
+def _conflict(first: _Claim, later: _Claim) -> str:
+    def says(c: _Claim) -> str:
+        return f"rule {c.rule.label}: " + ("None, excluded" if c.rule.regularizer is None else repr(c.rule.regularizer))
+
+    outcome = ("not regularized" if first.rule.regularizer is None
+               else f"regularized by {first.rule.regularizer!r}")
+    alias = f" (as {later.name})" if later.name != first.name else ""
+    return (f"{first.name} is shared by modules whose rules disagree: {first.module or '(root)'} ({says(first)}) "
+            f"and {later.module or '(root)'}{alias} ({says(later)}); a tied parameter follows the first module "
+            f"walked that owns it, so it is {outcome} (give {first.module or 'the root'} the rule you want for it)")
 
 
 def _is_activity(rule: _Rule) -> bool:
