@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from . import _activity_engine, _engine
 from ._select import EXCLUDED, default_weights
 from ._validate import check_module
+from .regularizers import L1, ElasticNet
 
 __all__ = ["penalty", "summary", "Summary", "sparsity", "Sparsity"]
 
@@ -245,14 +246,26 @@ class Sparsity:
     :attr:`total` the same keys summed over them.
 
     Each record has the keys ``parameter`` (qualified name), ``regularizer`` (its repr), ``numel``,
-    ``zeros`` (elements exactly 0), ``zero_fraction``, and for a group regularizer ``groups``,
-    ``zero_groups`` and ``zero_group_fraction`` (``None`` otherwise).
+    ``zeros`` (elements exactly 0), ``zero_fraction``; for a group regularizer ``groups``,
+    ``zero_groups``, ``zero_group_fraction`` and ``zero_group_indices`` (the indices along its ``dim``
+    of the groups that are exactly zero); and for a parameter with at least 2 dimensions
+    ``zero_outputs`` and ``zero_inputs``: the indices along dim 0 and dim 1 whose whole slice
+    (``w[i]``, ``w[:, j]``) is exactly zero. For an ``nn.Linear`` or ``nn.Conv*d`` weight these are the
+    output units no input reaches and the input features (channels) the layer no longer reads;
+    transformers' ``Conv1D`` stores its weight transposed, ``(in, out)``, so there dim 0 is its inputs.
+    Keys that do not apply are ``None``; in :attr:`total` the index lists are ``None``.
+
+    :attr:`notes`: one line per gradient-mode ``L1`` / ``ElasticNet`` parameter without a single exact
+    zero (a gradient term makes weights oscillate around zero, never land on it: exact zeros need
+    ``proximal=True``); ``str()`` prints them under the table.
     """
 
-    columns = ("parameter", "regularizer", "numel", "zeros", "zero_fraction", "groups", "zero_groups")
+    columns = ("parameter", "regularizer", "numel", "zeros", "zero_fraction", "groups", "zero_groups",
+               "zero_outputs", "zero_inputs")
 
-    def __init__(self, records: List[Dict[str, Any]]) -> None:
+    def __init__(self, records: List[Dict[str, Any]], notes: Sequence[str] = ()) -> None:
         self.records = records
+        self.notes = list(notes)
         numel = sum(r["numel"] for r in records)
         zeros = sum(r["zeros"] for r in records)
         grouped = [r for r in records if r["groups"] is not None]
@@ -262,6 +275,7 @@ class Sparsity:
             parameter="total", regularizer=None, numel=numel, zeros=zeros,
             zero_fraction=zeros / numel if numel else 0.0, groups=groups, zero_groups=zero_groups,
             zero_group_fraction=(zero_groups / groups if groups else 0.0) if grouped else None,
+            zero_group_indices=None, zero_outputs=None, zero_inputs=None,
         )
 
     def __len__(self) -> int:
@@ -276,23 +290,39 @@ class Sparsity:
                 return f"{value:.1%}"
             if key == "zero_groups" and record["groups"]:
                 return f"{value} ({record['zero_group_fraction']:.1%})"
+            if key in ("zero_outputs", "zero_inputs"):
+                return str(len(value))
             return str(value)
 
         lines = _table(self.columns, [[cell(r, c) for c in self.columns] for r in self.records + [self.total]])
         lines.insert(len(lines) - 1, lines[1])  # a rule above the total
-        return "\n".join(lines)
+        return "\n".join(lines + self.notes)
 
     __repr__ = __str__
 
 
+def _zero_slices(p: Tensor, dim: int) -> List[int]:
+    """The indices along ``dim`` whose slice of ``p`` is exactly zero."""
+    nonzero = (p != 0).movedim(dim, 0).reshape(p.shape[dim], -1).any(1)
+    return (~nonzero).nonzero().flatten().tolist()
+
+
 def sparsity(module: nn.Module) -> Sparsity:
-    """How sparse the regularized parameters of ``module`` are: exact zeros, and zero groups.
+    """How sparse the regularized parameters of ``module`` are: exact zeros, zero groups, and which
+    output units and input features are entirely zero.
 
     One record per regularized parameter of ``module`` (also those regularized by a call on an
     enclosing module), in the order of ``module.named_parameters()``, and a total. A group regularizer
     (:class:`torchreg.GroupLasso`) also counts its groups that are exactly zero (a pruned neuron, or
-    input feature). Counts are exact: ``w == 0``, no tolerance (proximal regularization makes exact
-    zeros; a gradient term leaves weights oscillating near zero).
+    input feature) and lists their indices. For a parameter with at least 2 dimensions the record lists
+    the indices along dim 0 (``zero_outputs``) and dim 1 (``zero_inputs``) whose slice is all zero: on a
+    first ``nn.Linear`` layer, ``zero_inputs`` are the input features the model no longer reads. The
+    table shows their counts. Counts are exact: ``w == 0``, no tolerance (proximal regularization makes
+    exact zeros; a gradient term leaves weights oscillating near zero, and the table says so when a
+    gradient-mode ``L1`` or ``ElasticNet`` parameter has no exact zero).
+
+    It reads every regularized parameter (a few host synchronizations each): call it to
+    inspect or log, not every step.
 
     Example::
 
@@ -303,6 +333,8 @@ def sparsity(module: nn.Module) -> Sparsity:
         >>> report = torchreg.sparsity(layer)
         >>> {k: report.records[0][k] for k in ("parameter", "zeros", "groups", "zero_groups")}
         {'parameter': 'weight', 'zeros': 3, 'groups': 3, 'zero_groups': 1}
+        >>> report.records[0]["zero_inputs"], report.records[0]["zero_group_indices"]
+        ([1], [1])
         >>> report.total["zero_fraction"]
         0.5
     """
@@ -312,6 +344,7 @@ def sparsity(module: nn.Module) -> Sparsity:
         for entry in unit.entries:
             covered.setdefault(id(entry.param), entry.rule)
     records: List[Dict[str, Any]] = []
+    notes: List[str] = []
     with torch.no_grad():
         for name, p in module.named_parameters():
             rule = covered.get(id(p))
@@ -323,12 +356,26 @@ def sparsity(module: nn.Module) -> Sparsity:
             zeros = int((p == 0).sum())
             record: Dict[str, Any] = dict(parameter=name, regularizer=repr(rule), numel=p.numel(), zeros=zeros,
                                           zero_fraction=zeros / p.numel() if p.numel() else 0.0,
-                                          groups=None, zero_groups=None, zero_group_fraction=None)
+                                          groups=None, zero_groups=None, zero_group_fraction=None,
+                                          zero_group_indices=None, zero_outputs=None, zero_inputs=None)
             norms = getattr(rule, "group_norms", None)
             if norms is not None:
                 n = norms(p)
                 record["groups"] = n.numel()
-                record["zero_groups"] = int((n == 0).sum())
+                record["zero_group_indices"] = (n == 0).nonzero().flatten().tolist()
+                record["zero_groups"] = len(record["zero_group_indices"])
                 record["zero_group_fraction"] = record["zero_groups"] / n.numel() if n.numel() else 0.0
+            if p.ndim >= 2:
+                record["zero_outputs"] = _zero_slices(p, 0)
+                record["zero_inputs"] = _zero_slices(p, 1)
+            if not zeros and p.numel() and _gradient_l1(rule):
+                notes.append(f"note: {name} has no exact zero: {rule!r} adds a gradient term, around which weights "
+                             f"oscillate; exact zeros need proximal=True ({type(rule).__name__}(..., proximal=True))")
             records.append(record)
-    return Sparsity(records)
+    return Sparsity(records, notes)
+
+
+def _gradient_l1(rule: Any) -> bool:
+    """An L1 or ElasticNet rule with an L1 strength > 0, in gradient mode."""
+    strength = rule.lam if isinstance(rule, L1) else rule.l1 if isinstance(rule, ElasticNet) else 0.0
+    return bool(strength) and not rule.proximal
