@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Sequence, Set
+from typing import Any, Dict, Iterable, List, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -339,19 +339,11 @@ def sparsity(module: nn.Module) -> Sparsity:
         0.5
     """
     check_module(module, "sparsity")
-    covered: Dict[int, Any] = {}
-    for unit in _engine.units_in(module):
-        for entry in unit.entries:
-            covered.setdefault(id(entry.param), entry.rule)
     records: List[Dict[str, Any]] = []
     notes: List[str] = []
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            rule = covered.get(id(p))
-            if rule is None:
-                unit = _engine.owner_of(p)  # regularized by a call on an enclosing module
-                rule = next((e.rule for e in unit.entries if e.param is p), None) if unit is not None else None
-            if rule is None or _engine._is_lazy(p):
+        for name, p, rule in covered_parameters(module):
+            if _engine._is_lazy(p):
                 continue
             zeros = int((p == 0).sum())
             record: Dict[str, Any] = dict(parameter=name, regularizer=repr(rule), numel=p.numel(), zeros=zeros,
@@ -373,6 +365,24 @@ def sparsity(module: nn.Module) -> Sparsity:
                              f"oscillate; exact zeros need proximal=True ({type(rule).__name__}(..., proximal=True))")
             records.append(record)
     return Sparsity(records, notes)
+
+
+def covered_parameters(module: nn.Module) -> List[Tuple[str, nn.Parameter, Any]]:
+    """``(name, parameter, rule)`` of every regularized parameter of ``module`` (also those regularized by
+    a call on an enclosing module), in the order of ``module.named_parameters()``."""
+    covered: Dict[int, Any] = {}
+    for unit in _engine.units_in(module):
+        for entry in unit.entries:
+            covered.setdefault(id(entry.param), entry.rule)
+    found = []
+    for name, p in module.named_parameters():
+        rule = covered.get(id(p))
+        if rule is None:
+            unit = _engine.owner_of(p)  # regularized by a call on an enclosing module
+            rule = next((e.rule for e in unit.entries if e.param is p), None) if unit is not None else None
+        if rule is not None:
+            found.append((name, p, rule))
+    return found
 
 
 def _gradient_l1(rule: Any) -> bool:
