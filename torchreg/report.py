@@ -66,7 +66,7 @@ class Summary:
     Each record has the keys ``module`` (qualified path), ``type``, ``rule`` (which rule matched,
     in rule order), ``regularizer`` (its repr, or ``None`` for a skipped module), ``parameters`` (the
     covered names), ``numel``, ``penalty`` (a float), ``note`` (why a module was skipped; which of its
-    parameters are tied to others) and ``tied`` (``{parameter: [the other qualified names of the same
+    parameters are tied to others, or frozen) and ``tied`` (``{parameter: [the other qualified names of the same
     tensor]}`` for the parameters of the row that are shared, e.g. ``{'weight':
     ['transformer.wte.weight']}`` on GPT-2's ``lm_head`` row; ``{}`` when none is).
 
@@ -165,6 +165,9 @@ def summary(module: nn.Module) -> Summary:
                 owner = unit.root.get_submodule(path)
                 r = row(path, type(owner).__name__, entry.origin or "-", repr(entry.rule))
                 r["parameters"].append(leaf)
+                if not entry.param.requires_grad:  # covered, but no hook until it is trained
+                    frozen = f"{leaf} frozen (requires_grad=False): no gradient term until it is trained"
+                    r["note"] = f"{r['note']}; {frozen}" if r["note"] else frozen
                 if not _engine._is_lazy(entry.param):
                     r["numel"] += entry.param.numel()
                     r["penalty"] = (r["penalty"] or 0.0) + float(entry.rule.penalty(entry.param))
