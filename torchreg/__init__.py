@@ -5,8 +5,8 @@ The regularization gradient (``lam * sign(w)`` for L1, ``lam * w`` for L2, as ``
 they are. Also: Elastic-Net, group lasso and orthogonality penalties, proximal (exactly sparse) L1,
 Elastic-Net and group lasso applied after each optimizer step, penalties on a layer's outputs
 (``ActivityL1``, ``ActivityL2``), rules as plain data, and optimizer parameter groups from the same
-selection; ``lambda_max`` (the strength from which an L1 or group-lasso layer is all zero).
-Integrations: ``torchreg.lightning``, ``torchreg.hf`` (imported only when asked for).
+selection, :func:`is_regularized`, and :func:`lambda_max` (the strength from which an L1 or group-lasso
+layer is all zero). Integrations: ``torchreg.lightning``, ``torchreg.hf`` (imported only when asked for).
 
 >>> import torch, torchreg
 >>> net = torch.nn.Sequential(torchreg.L1(torch.nn.Linear(8, 8), lam=1e-4), torch.nn.ReLU(),
@@ -15,6 +15,7 @@ Integrations: ``torchreg.lightning``, ``torchreg.hf`` (imported only when asked 
 
 from .activity import ActivityL1, ActivityL2
 from .config import rules_from_config, rules_to_config
+from ._registry import is_regularized
 from .groups import param_groups
 from .regularizers import ElasticNet, GroupLasso, L1, L2, Orthogonal, Regularizer
 from .report import Sparsity, Summary, penalty, sparsity, summary
@@ -38,6 +39,7 @@ __all__ = [
     "__version__",
     "apply_regularization",
     "configure",
+    "is_regularized",
     "lambda_max",
     "param_groups",
     "penalty",

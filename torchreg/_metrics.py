@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import _engine
+from ._tracking import is_lazy
 from .report import covered_parameters
 
 PENALTY = "reg_penalty"
@@ -33,7 +33,8 @@ def rule_names(model: nn.Module) -> Dict[str, Any]:
     """``{name: rule}`` for the rules regularizing ``model``'s parameters: the class name, then ``_2``..."""
     names: Dict[str, Any] = {}
     seen: Dict[int, str] = {}
-    for _, _, rule in covered_parameters(model):
+    for _, _, entry in covered_parameters(model):
+        rule = entry.rule
         if id(rule) not in seen:
             base, n = type(rule).__name__, 1
             name = base
@@ -51,12 +52,12 @@ def _sparse(rule: Any) -> bool:
 
 def values(model: nn.Module, per_rule: bool = False) -> Dict[str, float]:
     """The logged values for ``model`` (see the module's documentation), read with one host sync."""
-    params: List[Tuple[Tensor, Any]] = [(p, rule) for _, p, rule in covered_parameters(model)
-                                        if not _engine._is_lazy(p)]
+    params: List[Tuple[Any, Any]] = [(unit, entry) for _, unit, entry in covered_parameters(model)
+                                     if not is_lazy(entry.param)]
     if not params:
         return {}
     names = {id(rule): name for name, rule in rule_names(model).items()}
-    device = params[0][0].device
+    device = params[0][1].param.device
     # per rule: [penalty, zeros, zero groups] on the device; numel and group counts known on the host
     penalty: Dict[str, Tensor] = {}
     zeros: Dict[str, Tensor] = {}
@@ -64,9 +65,10 @@ def values(model: nn.Module, per_rule: bool = False) -> Dict[str, float]:
     numel: Dict[str, int] = {}
     groups: Dict[str, int] = {}
     with torch.no_grad():
-        for p, rule in params:
+        for unit, entry in params:
+            p, rule = entry.param, entry.rule
             name = names[id(rule)]
-            value = rule.penalty(p).to(device=device, dtype=torch.float64)
+            value = unit.entry_penalty(entry).to(device=device, dtype=torch.float64)
             penalty[name] = penalty[name] + value if name in penalty else value
             if _sparse(rule):
                 count = (p == 0).sum().to(device)

@@ -25,7 +25,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from . import _engine, _metrics
+from . import _metrics
+from ._registry import is_regularized
 from ._validate import check_flags, check_rules_mapping
 from .training import configure
 from .walker import _compile_rules, apply_regularization
@@ -100,7 +101,7 @@ class RegularizationCallback(transformers.TrainerCallback):
                        **kwargs: Any) -> None:
         self._declared = None
         model = self._trainer().model if model is None else model
-        if not any(True for _ in _engine.units_in(model)):
+        if not is_regularized(model):
             raise ValueError(f"torchreg.hf: nothing in {type(model).__name__} is regularized by torchreg")
         self._declare(args, model, optimizer)
 
@@ -182,7 +183,7 @@ def attach(trainer: Any, rules: Optional[Mapping[Any, Any]] = None, *, strict: b
         check_rules_mapping("torchreg.hf.attach", rules)
     model = trainer.model
     if rules is None:
-        if not any(True for _ in _engine.units_in(model)):
+        if not is_regularized(model):
             raise ValueError(
                 f"torchreg.hf.attach: nothing in {type(model).__name__} is regularized by torchreg; pass "
                 "rules=... or regularize the model before"

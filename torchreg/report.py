@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _activity_engine, _engine
+from ._tracking import is_lazy
 from ._select import EXCLUDED, default_weights
 from ._validate import check_module
 from .regularizers import L1, ElasticNet
@@ -168,9 +169,9 @@ def summary(module: nn.Module) -> Summary:
                 if not entry.param.requires_grad:  # covered, but no hook until it is trained
                     frozen = f"{leaf} frozen (requires_grad=False): no gradient term until it is trained"
                     r["note"] = f"{r['note']}; {frozen}" if r["note"] else frozen
-                if not _engine._is_lazy(entry.param):
+                if not is_lazy(entry.param):
                     r["numel"] += entry.param.numel()
-                    r["penalty"] = (r["penalty"] or 0.0) + float(entry.rule.penalty(entry.param))
+                    r["penalty"] = (r["penalty"] or 0.0) + float(unit.entry_penalty(entry))
         for skip in unit.skipped:
             row(skip.name, skip.module_type, skip.origin, None)["note"] = skip.reason
         _note_ties(unit.root, base, rows.values())
@@ -238,7 +239,7 @@ def _uncovered(module: nn.Module) -> List[Dict[str, Any]]:
         group = groups.setdefault(type(owner), dict(type=type(owner).__name__, count=0, numel=0, frozen=0,
                                                      parameters=[]))
         group["count"] += 1
-        group["numel"] += 0 if _engine._is_lazy(p) else p.numel()
+        group["numel"] += 0 if is_lazy(p) else p.numel()
         group["frozen"] += not p.requires_grad
         group["parameters"].append(name)
     return list(groups.values())
@@ -345,8 +346,9 @@ def sparsity(module: nn.Module) -> Sparsity:
     records: List[Dict[str, Any]] = []
     notes: List[str] = []
     with torch.no_grad():
-        for name, p, rule in covered_parameters(module):
-            if _engine._is_lazy(p):
+        for name, _, entry in covered_parameters(module):
+            p, rule = entry.param, entry.rule
+            if is_lazy(p):
                 continue
             zeros = int((p == 0).sum())
             record: Dict[str, Any] = dict(parameter=name, regularizer=repr(rule), numel=p.numel(), zeros=zeros,
@@ -370,21 +372,22 @@ def sparsity(module: nn.Module) -> Sparsity:
     return Sparsity(records, notes)
 
 
-def covered_parameters(module: nn.Module) -> List[Tuple[str, nn.Parameter, Any]]:
-    """``(name, parameter, rule)`` of every regularized parameter of ``module`` (also those regularized by
-    a call on an enclosing module), in the order of ``module.named_parameters()``."""
-    covered: Dict[int, Any] = {}
+def covered_parameters(module: nn.Module) -> List[Tuple[str, Any, Any]]:
+    """``(name, unit, entry)`` of every regularized parameter of ``module`` (also those regularized by a
+    call on an enclosing module), in the order of ``module.named_parameters()``."""
+    covered: Dict[int, Tuple[Any, Any]] = {}
     for unit in _engine.units_in(module):
         for entry in unit.entries:
-            covered.setdefault(id(entry.param), entry.rule)
+            covered.setdefault(id(entry.param), (unit, entry))
     found = []
     for name, p in module.named_parameters():
-        rule = covered.get(id(p))
-        if rule is None:
+        hit = covered.get(id(p))
+        if hit is None:
             unit = _engine.owner_of(p)  # regularized by a call on an enclosing module
-            rule = next((e.rule for e in unit.entries if e.param is p), None) if unit is not None else None
-        if rule is not None:
-            found.append((name, p, rule))
+            entry = next((e for e in unit.entries if e.param is p), None) if unit is not None else None
+            hit = (unit, entry) if entry is not None else None
+        if hit is not None:
+            found.append((name, *hit))
     return found
 
 

@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from . import _engine
+from ._tracking import is_lazy
 from ._validate import check_module, describe
 from .regularizers import L1, ElasticNet, GroupLasso
 from .report import covered_parameters
@@ -68,17 +68,18 @@ def lambda_max(model: nn.Module, closure: Callable[[], Tensor]) -> Dict[str, flo
     check_module(model, "lambda_max")
     if not callable(closure):
         raise TypeError(f"lambda_max expects a closure that returns the loss, got {describe(closure)}")
-    targets = [(name, p, rule) for name, p, rule in covered_parameters(model)
-               if isinstance(rule, (L1, ElasticNet, GroupLasso)) and p.requires_grad and not _engine._is_lazy(p)]
+    targets = [(name, entry.param, entry.rule) for name, _, entry in covered_parameters(model)
+               if isinstance(entry.rule, (L1, ElasticNet, GroupLasso)) and entry.param.requires_grad
+               and not is_lazy(entry.param)]
     if not targets:
         raise ValueError(
             f"lambda_max: nothing in {type(model).__name__} is regularized by torchreg.L1, ElasticNet or "
             "GroupLasso (trainable and initialized); apply one first, e.g. torchreg.L1(layer, lam, proximal=True)"
         )
     params = list(model.parameters())
-    for name, p, rule in covered_parameters(model):  # parameters of an enclosing model too
-        if not any(p is q for q in params):
-            params.append(p)
+    for _, _, entry in covered_parameters(model):  # parameters of an enclosing model too
+        if not any(entry.param is q for q in params):
+            params.append(entry.param)
     saved_grads = [p.grad for p in params]
     result: Dict[str, float] = {}
     try:
