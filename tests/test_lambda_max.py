@@ -257,3 +257,18 @@ def test_bad_arguments():
         torchreg.lambda_max(torchreg.L2(nn.Linear(2, 1), 0.1), lambda: torch.zeros(()))
     with pytest.raises(TypeError, match="lambda_max expects an nn.Module instance"):
         torchreg.lambda_max("model", lambda: torch.zeros(()))
+
+
+class Anchored(torchreg.L1):
+    """An L1 subclass with per-parameter state (as a penalty toward a center would keep)."""
+
+    def init_state(self, name, param):
+        return {"center": param.detach().clone()}
+
+
+def test_a_rule_with_per_parameter_state_is_refused():
+    model = torchreg.L1(nn.Linear(3, 1), 0.1)
+    other = Anchored(lam=0.1).apply(nn.Linear(3, 1))
+    torchreg.lambda_max(model, lambda: model(torch.ones(1, 3)).sum())  # plain L1: fine
+    with pytest.raises(ValueError, match=r"lambda_max: the rule of weight keeps per-parameter state"):
+        torchreg.lambda_max(other, lambda: other(torch.ones(1, 3)).sum())

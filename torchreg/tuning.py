@@ -50,8 +50,9 @@ def lambda_max(model: nn.Module, closure: Callable[[], Tensor]) -> Dict[str, flo
 
     Raises:
         TypeError: ``model`` is not a module, ``closure`` is not callable or does not return a tensor.
-        ValueError: nothing in ``model`` is regularized by L1, ElasticNet or GroupLasso, or the loss is
-            not a single value.
+        ValueError: nothing in ``model`` is regularized by L1, ElasticNet or GroupLasso, such a rule keeps
+            per-parameter state (a penalty toward a center: its zero set is not ``w = 0``), or the loss
+            is not a single value.
 
     Example::
 
@@ -71,6 +72,15 @@ def lambda_max(model: nn.Module, closure: Callable[[], Tensor]) -> Dict[str, flo
     targets = [(name, entry.param, entry.rule) for name, _, entry in covered_parameters(model)
                if isinstance(entry.rule, (L1, ElasticNet, GroupLasso)) and entry.param.requires_grad
                and not is_lazy(entry.param)]
+    stateful = [name for name, _, entry in covered_parameters(model)
+                if isinstance(entry.rule, (L1, ElasticNet, GroupLasso)) and entry.state is not None]
+    if stateful:  # e.g. a penalty toward a center: its zero set is not w = 0
+        raise ValueError(
+            f"lambda_max: the rule of {', '.join(stateful[:3])}{', ...' if len(stateful) > 3 else ''} keeps "
+            "per-parameter state (e.g. a center the penalty pulls towards), so the strength from which the "
+            "parameter is all zero is not the one computed here; lambda_max supports L1, ElasticNet and "
+            "GroupLasso penalties on the weights themselves"
+        )
     if not targets:
         raise ValueError(
             f"lambda_max: nothing in {type(model).__name__} is regularized by torchreg.L1, ElasticNet or "
