@@ -321,3 +321,22 @@ def test_hf_repr_and_a_yaml_rules_list(tmp_path):
     with pytest.raises(TypeError, match=r"log_per_rule must be True or False, got 1 \(int\)"):
         torchreg.hf.attach(trainer, {nn.Linear: torchreg.L2(lam=1e-4)}, log_per_rule=1)
     assert not any(True for _ in torchreg._engine.units_in(trainer.model))
+
+
+def test_hf_attach_keeps_no_reference_cycle_to_the_trainer(tmp_path):
+    """The wrapped trainer.log refers to the trainer weakly: dropping the trainer frees it at once,
+    without waiting for the garbage collector (a Trainer holds the model and the optimizer)."""
+    import gc
+    import weakref
+
+    import torchreg.hf
+
+    trainer, _ = hf_trainer(tmp_path)
+    torchreg.hf.attach(trainer, rules())
+    ref = weakref.ref(trainer)
+    gc.disable()
+    try:
+        del trainer
+        assert ref() is None
+    finally:
+        gc.enable()
