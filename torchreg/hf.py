@@ -117,7 +117,10 @@ class _Log:
 
     def __init__(self, trainer: Any) -> None:
         self._trainer = weakref.ref(trainer)
-        self.original = trainer.log  # the bound method of the class
+        original = trainer.log
+        # the class's method is kept unbound, so that the trainer does not refer to itself through us
+        self._method = original.__func__ if getattr(original, "__self__", None) is trainer else None
+        self._other = None if self._method is not None else original
 
     def __call__(self, logs: Dict[str, float], *args: Any, **kwargs: Any) -> Any:
         trainer = self._trainer()
@@ -126,7 +129,9 @@ class _Log:
                              if isinstance(c, RegularizationCallback) and c.logging), None)
             if callback is not None:
                 logs.update(_metrics.values(trainer.model, callback.log_per_rule))
-        return self.original(logs, *args, **kwargs)
+        if self._method is not None:
+            return self._method(trainer, logs, *args, **kwargs)
+        return self._other(logs, *args, **kwargs)
 
 
 def attach(trainer: Any, rules: Optional[Mapping[Any, Any]] = None, *, strict: bool = False, logging: bool = True,

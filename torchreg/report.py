@@ -179,8 +179,8 @@ def summary(module: nn.Module) -> Summary:
         records.extend(sorted(rows.values(), key=lambda r: order.get(r.pop("_path"), -1)))
     for record in _activity_engine.summary_records(module):  # activity rows, penalty None
         records.append(dict(record, tied={}))
-    order = {name: i for i, (name, _) in enumerate(module.named_modules())}
-    records.sort(key=lambda r: order.get(r["module"], len(order)))  # stable: weight rows before activity
+    position = {name: i for i, name in enumerate(prefixes.values())}
+    records.sort(key=lambda r: position.get(r["module"], len(position)))  # module order, whatever the kind
     return Summary(records, _uncovered(module))
 
 
