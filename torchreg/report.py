@@ -259,7 +259,7 @@ class Sparsity:
     transformers' ``Conv1D`` stores its weight transposed, ``(in, out)``, so there dim 0 is its inputs.
     Keys that do not apply are ``None``; in :attr:`total` the index lists are ``None``.
 
-    :attr:`notes`: one line per gradient-mode ``L1`` / ``ElasticNet`` parameter without a single exact
+    ``notes``: one line per gradient-mode ``L1`` / ``ElasticNet`` parameter without a single exact
     zero (a gradient term makes weights oscillate around zero, never land on it: exact zeros need
     ``proximal=True``); ``str()`` prints them under the table.
     """
