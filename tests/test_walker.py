@@ -964,3 +964,26 @@ def test_penalty_and_remove_on_a_submodule_of_a_regularized_model():
     torch.testing.assert_close(torchreg.penalty(model.layer1.conv1), 1e-2 / 2 * w.pow(2).sum())
     with pytest.raises(ValueError, match="enclosing TinyResNet: remove it there"):
         torchreg.remove_regularization(model.layer1)
+
+
+def test_an_exclusion_claims_a_tied_parameter_for_constraints_too() -> None:
+    """A tied weight whose first owner is excluded gets neither the penalty nor the constraint of a later
+    module that shares it, and the disagreement is reported for each kind."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(5, 3)
+            self.head = nn.Linear(3, 5, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    with pytest.warns(UserWarning) as caught:
+        torchreg.apply_regularization(model, {nn.Embedding: None,
+                                              nn.Linear: (torchreg.L2(0.1), torchreg.MaxNorm(1.0))})
+    text = " ".join(str(w.message) for w in caught)
+    assert "embed.weight is shared by modules whose rules disagree" in text
+    assert "so it is not regularized" in text and "so it is not constrained" in text
+    assert not torchreg.is_regularized(model.embed)
+    with pytest.raises(ValueError, match="disagree"):
+        torchreg.apply_regularization(Tied(), {nn.Embedding: None, nn.Linear: torchreg.MaxNorm(1.0)}, strict=True)
