@@ -116,7 +116,7 @@ class Regularizer:
 
     @property
     def is_zero(self) -> bool:
-        """True when every strength is 0: the gradient is left exactly as it is."""
+        """Whether every strength is 0 (then the gradient is left exactly as it is)."""
         return all(getattr(self, name) == 0.0 for name in self._strengths)
 
     def _adder(self, alpha: float, scale: Optional[Tensor]) -> Optional[Adder]:
@@ -152,8 +152,8 @@ class Regularizer:
     # -- proximal mode (torchreg/_prox.py says when and with which step) --------------------------
     @property
     def proximal(self) -> bool:
-        """True: nothing is added at backward; after each optimizer step the parameter is replaced by
-        :meth:`prox_` (see ``torchreg/_prox.py``). Fixed at construction."""
+        """Whether the rule is proximal (fixed at construction). If so, nothing is added at backward, and
+        after each optimizer step the parameter is replaced by :meth:`prox_` (see ``torchreg/_prox.py``)."""
         return self.__dict__.get("proximal", False)
 
     def prox_(self, param: Tensor, step: Any) -> None:
