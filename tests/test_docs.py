@@ -29,6 +29,7 @@ _FENCE = re.compile(r"^(`{3,})python[ \t]*\n(.*?)^\1[ \t]*$", re.MULTILINE | re.
 # The optional packages a page's code may need, by what it imports.
 _NEEDS = {
     "lightning": re.compile(r"\b(import lightning|from lightning|torchreg\.lightning|pytorch_lightning)\b"),
+    "sklearn": re.compile(r"\b(import sklearn|from sklearn)\b"),
     "transformers": re.compile(r"\b(import transformers|from transformers|torchreg\.hf)\b"),
 }
 
@@ -75,6 +76,7 @@ def test_page_examples(page):
     for line, block in blocks:
         test = parser.get_doctest(block, globs, f"{name}:{line}", str(page), line - 1)
         runner.run(test, out=report.append, clear_globs=False)
+        globs = test.globs  # DocTest copies the namespace it is given: carry it to the next block
     result = runner.summarize(verbose=False)
     assert result.attempted > 0
     assert result.failed == 0, "".join(report)
