@@ -68,6 +68,8 @@ nitpick_ignore_regex = [
     (r"py:class", r"torchreg(\.\w+)*\.M"),
 ]
 
+highlight_language = "text"  # a fence without a language is shown as is
+
 html_theme = "furo"
 html_title = f"torchreg {release}"
 html_static_path = []

@@ -154,3 +154,17 @@ def test_docs_pin_the_build_tools():
     pins = (ROOT / "constraints.txt").read_text(encoding="utf-8")
     for package in ("sphinx", "myst-parser", "furo"):
         assert re.search(rf"^{package}==\S+", pins, re.MULTILINE), package
+
+
+def test_every_warning_has_a_troubleshooting_entry():
+    # one "###" entry under "## Warnings" per warnings.warn call in the package: a new warning
+    # without its entry (what it means, what to do) fails here
+    sites = sum(p.read_text(encoding="utf-8").count("warnings.warn(") for p in (ROOT / "torchreg").rglob("*.py"))
+    page = (DOCS / "troubleshooting.md").read_text(encoding="utf-8")
+    section = page.split("\n## Warnings\n", 1)[1].split("\n## ", 1)[0]
+    entries = re.findall(r"^### ", section, re.MULTILINE)
+    assert sites > 0
+    assert len(entries) == sites, (
+        f"{sites} warnings.warn calls in torchreg/ but {len(entries)} entries under '## Warnings' in "
+        "docs/troubleshooting.md: give each warning an entry"
+    )
