@@ -1,12 +1,15 @@
 """A Sphinx extension: every public name must have an entry in the API reference.
 
-For each module in ``api_coverage_modules``, each name of its ``__all__`` must be documented as a
-Python object under the module's public path (``.. autoclass:: torchreg.L1`` documents
-``torchreg.L1``). A missing one is a warning, so ``sphinx -W`` fails the build: a new public name
-cannot land without its reference entry.
+The public names are the ``__all__`` of ``torchreg``, ``torchreg.lightning``, ``torchreg.hf`` and of
+every other public module of the package (a module whose name does not start with ``_``). Each must
+be documented as a Python object, under its public path (``.. autoclass:: torchreg.L1``) or as the
+same object under another path (``torchreg.walker.apply_regularization`` is documented by
+``torchreg.apply_regularization``). A missing one is a warning, so ``sphinx -W`` fails the build: a
+new public name cannot land without its reference entry.
 """
 
 import importlib
+import pkgutil
 
 from sphinx.ext.autodoc.mock import mock
 from sphinx.util import logging
@@ -16,29 +19,54 @@ logger = logging.getLogger(__name__)
 MODULES = ("torchreg", "torchreg.lightning", "torchreg.hf")
 
 
-def _public_names(app, modname):
-    """The module's ``__all__``, imported with the frameworks autodoc mocks (if any)."""
+def _import(app, modname):
     with mock(app.config.autodoc_mock_imports):
-        module = importlib.import_module(modname)
-    names = getattr(module, "__all__", None)
-    if names is None:
-        raise ValueError(f"{modname} has no __all__")
-    return list(names)
+        return importlib.import_module(modname)
+
+
+def public_modules(app):
+    """``api_coverage_modules`` and every public module of the ``torchreg`` package."""
+    names = list(app.config.api_coverage_modules)
+    package = _import(app, "torchreg")
+    for info in pkgutil.iter_modules(package.__path__):
+        name = f"torchreg.{info.name}"
+        if not info.name.startswith("_") and name not in names:
+            names.append(name)
+    return names
 
 
 def missing_entries(app, env):
-    """The public names of ``api_coverage_modules`` that the built reference does not document."""
+    """The public names (``module.name``) that the built reference does not document."""
     documented = {name for name, *_ in env.get_domain("py").get_objects()}
+    objects = set()
+    for name in documented:
+        try:
+            with mock(app.config.autodoc_mock_imports):
+                objects.add(id(_object(name)))
+        except Exception:  # an entry that does not import is autodoc's own warning
+            continue
     missing = []
-    for modname in app.config.api_coverage_modules:
-        for name in _public_names(app, modname):
-            if f"{modname}.{name}" not in documented:
-                missing.append(f"{modname}.{name}")
+    for modname in public_modules(app):
+        module = _import(app, modname)
+        names = getattr(module, "__all__", None)
+        if names is None:
+            missing.append(f"{modname}.__all__")
+            continue
+        for name in names:
+            if f"{modname}.{name}" in documented:
+                continue
+            if not isinstance(getattr(module, name, None), (str, int, float, tuple)) and id(getattr(module, name, None)) in objects:
+                continue
+            missing.append(f"{modname}.{name}")
     return missing
 
 
 def _check(app, env):
     for full in missing_entries(app, env):
+        if full.endswith(".__all__"):
+            logger.warning("%s has no __all__: a public module lists its public names", full[: -len(".__all__")],
+                           type="api_coverage", subtype="missing")
+            continue
         logger.warning(
             "%s is public (in %s.__all__) but has no entry in the API reference: add it to "
             "docs/api.md (an autoclass / autofunction / autodata line)",
@@ -46,25 +74,24 @@ def _check(app, env):
         )
 
 
-# -- references to inherited members -----------------------------------------------------------
-# A docstring of L1 that says :meth:`apply` means the apply L1 inherits from Regularizer, which the
-# reference documents once, on Regularizer. Resolve such a reference through the class's bases, to
-# the entry of the first base the reference documents that has the member.
+# -- references written relative to a docstring's own class and module ----------------------------
+# A docstring of L1 that says :meth:`apply` means the apply L1 inherits, which the reference documents
+# once, on its documented base class; a docstring of Regularizer that says :func:`strength` means the
+# strength of the module the class is defined in (torchreg.regularizers), though the class is
+# documented as torchreg.Regularizer. Resolve such a reference through the class's bases, then the
+# class's own module.
 
 
 def _object(path):
     module, _, rest = path.partition(".")
     obj = importlib.import_module(module)
-    parts = rest.split(".") if rest else []
     name = module
-    for part in parts:
+    for part in rest.split(".") if rest else []:
+        name = f"{name}.{part}"
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            name = f"{name}.{part}"
             obj = importlib.import_module(name)
-        else:
-            name = f"{name}.{part}"
     return obj
 
 
@@ -75,13 +102,13 @@ def _documented_classes(app, env):
             try:
                 with mock(app.config.autodoc_mock_imports):
                     classes.setdefault(_object(name), name)
-            except Exception:  # pragma: no cover - an entry that does not import is autodoc's warning
+            except Exception:  # an entry that does not import is autodoc's own warning
                 continue
     return classes
 
 
-def _resolve_inherited(app, env, node, contnode):
-    if node.get("refdomain") != "py" or node.get("reftype") not in ("meth", "attr", "obj"):
+def _resolve_relative(app, env, node, contnode):
+    if node.get("refdomain") != "py":
         return None
     target, cls_name, mod_name = node["reftarget"], node.get("py:class"), node.get("py:module")
     if not cls_name or not mod_name or "." in target:
@@ -96,16 +123,16 @@ def _resolve_inherited(app, env, node, contnode):
     py = env.get_domain("py")
     documented = {name for name, *_ in py.get_objects()}
     classes = _documented_classes(app, env)
-    for base in cls.__mro__[1:]:
-        entry = classes.get(base)
-        if entry and f"{entry}.{target}" in documented:
-            return py.resolve_xref(env, node["refdoc"], app.builder, node["reftype"],
-                                   f"{entry}.{target}", node, contnode)
+    candidates = [f"{classes[base]}.{target}" for base in cls.__mro__[1:] if base in classes]
+    candidates.append(f"{cls.__module__}.{target}")
+    for candidate in candidates:
+        if candidate in documented:
+            return py.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], candidate, node, contnode)
     return None
 
 
 def setup(app):
     app.add_config_value("api_coverage_modules", MODULES, "env")
     app.connect("env-check-consistency", _check)
-    app.connect("missing-reference", _resolve_inherited)
+    app.connect("missing-reference", _resolve_relative)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
