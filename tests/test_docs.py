@@ -168,3 +168,17 @@ def test_every_warning_has_a_troubleshooting_entry():
         f"{sites} warnings.warn calls in torchreg/ but {len(entries)} entries under '## Warnings' in "
         "docs/troubleshooting.md: give each warning an entry"
     )
+
+
+def test_table_cells_escape_pipes_in_code():
+    # In a Markdown table a '|' ends the cell even inside `code` (GitHub and MyST alike): `|w|` in a
+    # cell cuts the row. Write `\|w\|`.
+    bad = []
+    for path in [README, ROOT / "benchmarks" / "README.md", *sorted(DOCS.rglob("*.md"))]:
+        if "_build" in path.parts:
+            continue
+        text = re.sub(r"^(`{3,}).*?^\1", "", path.read_text(encoding="utf-8"), flags=re.MULTILINE | re.DOTALL)
+        for line in text.splitlines():
+            if line.startswith("|") and any(re.search(r"(?<!\\)\|", code) for code in line.split("`")[1::2]):
+                bad.append(f"{path.relative_to(ROOT)}: {line[:80]}")
+    assert not bad, "\n".join(bad)
