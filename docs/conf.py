@@ -66,6 +66,9 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(int|float|bool|str|dict|list|tuple|type|None|object)"),
     # The type variable of "returns the module it was given" signatures (bound to nn.Module).
     (r"py:class", r"torchreg(\.\w+)*\.M"),
+    # Private names (a leading underscore: a private module, class or method) are not in the
+    # reference by design; a docstring that names one is shown as code.
+    (r"py:.*", r"(.*\.)?_[A-Za-z]\w*(\..*)?"),
 ]
 
 highlight_language = "text"  # a fence without a language is shown as is
