@@ -167,6 +167,10 @@ SCENARIOS = [
              xfail="parameters replaced by fully_shard are found at the first step only"),
     Scenario("fsdp2-meta-regularize-shard-to_empty", "meta",
              xfail="parameters replaced by fully_shard and to_empty are found at the first step only"),
+    # What Accelerate's FSDP2 preparation does (it cannot run on CPU: Accelerate enables FSDP on
+    # accelerators only): move to meta, fully_shard, load the sharded state dict with assign=True.
+    Scenario("fsdp2-accelerate-meta-shard-load-assign", "accelerate",
+             xfail="parameters replaced by fully_shard are found at the first step only"),
     Scenario("fsdp2-optim-in-backward-user-hooks-first", "shard-then-regularize", optim_in_backward="user-first",
              xfail="under a process group the term is added at the end of backward, after the in-hook step",
              xfail_modes=("l2", "l1")),
@@ -229,6 +233,17 @@ def prepare(sc: Scenario, mode: str, user_hooks: Callable[[nn.Module], None]) ->
         with torch.no_grad():
             for p, full in zip(model.parameters(), build().parameters()):
                 p.copy_(distribute_tensor(full.detach(), p.device_mesh, p.placements))
+    elif sc.setup == "accelerate":  # accelerate.utils.fsdp_utils.fsdp2_prepare_model, in short
+        model = build()
+        regularize(model, mode)
+        full = model.state_dict()
+        model = model.to("meta")
+        wrapped = _shard(model, sc.mesh)
+        from torch.distributed.tensor import distribute_tensor
+
+        meta = model.state_dict()
+        model.load_state_dict({k: distribute_tensor(full[k], v.device_mesh, v.placements) for k, v in meta.items()},
+                              assign=True)
     elif sc.setup.startswith("fsdp1-"):
         model = build()
         orig = "-orig-" in sc.setup
