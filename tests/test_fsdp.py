@@ -138,8 +138,6 @@ class Scenario:
     mesh: Tuple[int, ...] = (WORLD,)  # (WORLD,): FSDP; (WORLD, 1): HSDP, replicate across the ranks
     large: bool = False  # run the elementwise kernels' path for tensors above 32 MiB (thresholds lowered)
     optim_in_backward: str = ""  # "user-first" / "torchreg-first": per-parameter optimizers in hooks
-    xfail: str = ""  # reason, while the scenario is a known failure (strict)
-    xfail_modes: Sequence[str] = ("l2", "l1", "l1-prox", "elastic")  # the modes it fails for
 
     @property
     def k(self) -> int:
@@ -147,45 +145,29 @@ class Scenario:
 
 
 FSDP1_ERROR = "FullyShardedDataParallel"
-FSDP1_SILENT = "FSDP1 is not refused: the term is lost silently, or a misleading selection error or warning"
 SCENARIOS = [
     Scenario("fsdp2-sync-every-micro-batch-k2", "shard-then-regularize", sync=(True, True)),
-    Scenario("fsdp2-no-sync-k2", "shard-then-regularize", sync=(False, True),
-             xfail="FSDP2 runs no post-accumulate-grad hook on a micro-batch without sync: 1/k of the term",
-             xfail_modes=("l2", "l1")),
-    Scenario("fsdp2-sync-pattern-k3", "shard-then-regularize", sync=(True, False, True),
-             xfail="FSDP2 runs no post-accumulate-grad hook on a micro-batch without sync: 2/3 of the term",
-             xfail_modes=("l2", "l1")),
-    Scenario("hsdp-no-sync-k2", "shard-then-regularize", sync=(False, True), mesh=(WORLD, 1),
-             xfail="FSDP2 runs no post-accumulate-grad hook on a micro-batch without sync: 1/k of the term",
-             xfail_modes=("l2", "l1")),
-    Scenario("fsdp2-large-weights", "shard-then-regularize", modes=("l2", "l1", "elastic"), large=True,
-             xfail="the chunked sign kernel mixes DTensor and Tensor", xfail_modes=("l1", "elastic")),
-    Scenario("fsdp2-regularize-then-shard", "regularize-then-shard",
-             xfail="parameters replaced by fully_shard are found at the first step only"),
-    Scenario("fsdp2-regularize-then-shard-no-sync-k2", "regularize-then-shard", sync=(False, True),
-             xfail="parameters replaced by fully_shard are found at the first step only"),
-    Scenario("fsdp2-meta-regularize-shard-to_empty", "meta",
-             xfail="parameters replaced by fully_shard and to_empty are found at the first step only"),
+    Scenario("fsdp2-no-sync-k2", "shard-then-regularize", sync=(False, True)),
+    Scenario("fsdp2-sync-pattern-k3", "shard-then-regularize", sync=(True, False, True)),
+    Scenario("hsdp-no-sync-k2", "shard-then-regularize", sync=(False, True), mesh=(WORLD, 1)),
+    Scenario("fsdp2-large-weights", "shard-then-regularize", modes=("l2", "l1", "elastic"), large=True),
+    Scenario("fsdp2-regularize-then-shard", "regularize-then-shard"),
+    Scenario("fsdp2-regularize-then-shard-no-sync-k2", "regularize-then-shard", sync=(False, True)),
+    Scenario("fsdp2-meta-regularize-shard-to_empty", "meta"),
     # What Accelerate's FSDP2 preparation does (it cannot run on CPU: Accelerate enables FSDP on
     # accelerators only): move to meta, fully_shard, load the sharded state dict with assign=True.
-    Scenario("fsdp2-accelerate-meta-shard-load-assign", "accelerate",
-             xfail="parameters replaced by fully_shard are found at the first step only"),
-    Scenario("fsdp2-optim-in-backward-user-hooks-first", "shard-then-regularize", optim_in_backward="user-first",
-             xfail="under a process group the term is added at the end of backward, after the in-hook step",
-             xfail_modes=("l2", "l1")),
+    Scenario("fsdp2-accelerate-meta-shard-load-assign", "accelerate"),
+    Scenario("fsdp2-optim-in-backward-user-hooks-first", "shard-then-regularize", optim_in_backward="user-first"),
     Scenario("fsdp2-optim-in-backward-torchreg-first", "shard-then-regularize",
-             optim_in_backward="torchreg-first",
-             xfail="under a process group the term is added at the end of backward, after the in-hook step",
-             xfail_modes=("l2", "l1")),
+             optim_in_backward="torchreg-first"),
     Scenario("fsdp1-use_orig_params-wrap-then-regularize", "fsdp1-orig-after", modes=("l1", "l1-prox"),
-             refused=FSDP1_ERROR, optimizers=("sgd",), xfail=FSDP1_SILENT),
+             refused=FSDP1_ERROR, optimizers=("sgd",)),
     Scenario("fsdp1-flat-params-wrap-then-regularize", "fsdp1-flat-after", modes=("l1", "l1-prox"),
-             refused=FSDP1_ERROR, optimizers=("sgd",), xfail=FSDP1_SILENT),
+             refused=FSDP1_ERROR, optimizers=("sgd",)),
     Scenario("fsdp1-use_orig_params-regularize-then-wrap", "fsdp1-orig-before", modes=("l1", "l1-prox"),
-             refused=FSDP1_ERROR, optimizers=("sgd",), xfail=FSDP1_SILENT),
+             refused=FSDP1_ERROR, optimizers=("sgd",)),
     Scenario("fsdp1-flat-params-regularize-then-wrap", "fsdp1-flat-before", modes=("l1", "l1-prox"),
-             refused=FSDP1_ERROR, optimizers=("sgd",), xfail=FSDP1_SILENT),
+             refused=FSDP1_ERROR, optimizers=("sgd",)),
 ]
 
 
@@ -303,21 +285,22 @@ def run_sub_case(sc: Scenario, mode: str, kind: str, rank: int) -> Dict[str, Any
             model, wrapped = prepare(sc, mode, user_hooks)
         except Exception as error:  # noqa: BLE001 - a refused scenario may raise at apply
             record["error"] = f"{type(error).__name__}: {error}"
-            record["unchanged"] = True
+            record["phase"] = "apply"
             return record
         if sc.k > 1 and mode != "l1-prox":
             torchreg.configure(model, accumulation_steps=sc.k)
         if not sc.optim_in_backward:
             opt = make_optimizer(kind, wrapped.parameters())
         for step in range(STEPS):
-            before = {n: _full(p) for n, p in model.named_parameters()}
             try:
+                record["phase"] = "backward"
                 if not sc.optim_in_backward:
                     opt.zero_grad()
                 for i, (x, y) in enumerate(micro_batches(step, sc.k, rank)):
                     if hasattr(wrapped, "set_requires_gradient_sync"):
                         wrapped.set_requires_gradient_sync(sc.sync[i])
                     (loss_of(wrapped, x, y) / sc.k).backward()
+                record["phase"] = "step"
                 if sc.optim_in_backward:
                     record["grads"].append({"local": dict(seen)})
                     seen.clear()
@@ -326,7 +309,6 @@ def run_sub_case(sc: Scenario, mode: str, kind: str, rank: int) -> Dict[str, Any
                     opt.step()
             except Exception as error:  # noqa: BLE001 - judged by the test
                 record["error"] = f"{type(error).__name__}: {error}"
-                record["unchanged"] = all(torch.equal(before[n], _full(p)) for n, p in model.named_parameters())
                 break
             record["params"].append({n: _full(p) for n, p in model.named_parameters()})
     record["warnings"] = [str(w.message) for w in caught if "torchreg" in str(w.message)]
@@ -380,11 +362,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> List[Dict[str, Any]]:
     return spawn_ranks(worker, tmp_path_factory.mktemp("fsdp"))
 
 
-SUB_CASES = [
-    pytest.param(sc, mode, kind, id=f"{sc.id}-{mode}-{kind}",
-                 marks=[pytest.mark.xfail(strict=True, reason=sc.xfail)] if sc.xfail and mode in sc.xfail_modes else [])
-    for sc in SCENARIOS for mode in sc.modes for kind in sc.optimizers
-]
+SUB_CASES = [pytest.param(sc, mode, kind, id=f"{sc.id}-{mode}-{kind}")
+             for sc in SCENARIOS for mode in sc.modes for kind in sc.optimizers]
 
 
 def _gathered_local(per_rank: List[Dict[str, Any]], step: int, name: str) -> torch.Tensor:
@@ -403,7 +382,8 @@ def test_matches_one_process_and_ranks_agree(sc: Scenario, mode: str, kind: str,
             error = record["error"]
             assert error is not None, f"not refused; warnings: {record['warnings']}"
             assert "torchreg" in error and sc.refused in error and "fully_shard" in error, error
-            assert record["unchanged"] and not record["params"], "the refused step changed the parameters"
+            # refused at apply or before the first backward ended: no step ran
+            assert record["phase"] in ("apply", "backward") and not record["params"], record["phase"]
         return
     for rank, record in enumerate(per_rank):
         assert record["error"] is None, f"rank {rank}: {record['error']}"

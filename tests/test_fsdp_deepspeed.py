@@ -20,7 +20,6 @@ def zero3_like(model: nn.Module) -> nn.Module:
     return model
 
 
-@pytest.mark.xfail(strict=True, reason="ZeRO-3 parameters are not detected (issue 16)")
 @pytest.mark.parametrize("proximal", [False, True])
 def test_zero3_parameters_are_refused_at_apply(proximal: bool) -> None:
     model = zero3_like(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)))
@@ -30,7 +29,6 @@ def test_zero3_parameters_are_refused_at_apply(proximal: bool) -> None:
     assert not list(torchreg._engine.units_in(model))  # nothing changed
 
 
-@pytest.mark.xfail(strict=True, reason="ZeRO-3 parameters are not detected (issue 16)")
 def test_zero3_after_apply_is_refused_at_the_first_forward() -> None:
     """deepspeed.initialize(...) on a model regularized before: refused before the first backward."""
     model = torchreg.L2(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)), 0.1)

@@ -85,7 +85,6 @@ def main() -> None:  # pragma: no cover - runs in the launched processes
         print("FSDP2 OK", flush=True)
 
 
-@pytest.mark.xfail(strict=True, reason="torchreg applied before fully_shard, accumulation without sync: issue 16")
 def test_lightning_model_parallel_strategy_matches_the_penalty_in_the_loss() -> None:
     pytest.importorskip("lightning")
     env = {k: v for k, v in os.environ.items()

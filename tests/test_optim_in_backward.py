@@ -37,12 +37,8 @@ def optimizer_in_backward(model: nn.Module, kind: str, seen: Dict[str, torch.Ten
     return handles
 
 
-LATE = pytest.mark.xfail(strict=True, reason="torchreg's hook runs after the user's, which stepped already")
-CASES = [
-    pytest.param(mode, kind, order, id=f"{mode}-{kind}-{order}",
-                 marks=[LATE] if order == "user-hooks-first" and mode != "l1-prox" else [])
-    for mode in ("l2", "l1", "l1-prox") for kind in ("sgd", "adamw") for order in ("user-hooks-first", "torchreg-first")
-]
+CASES = [pytest.param(mode, kind, order, id=f"{mode}-{kind}-{order}")
+         for mode in ("l2", "l1", "l1-prox") for kind in ("sgd", "adamw") for order in ("user-hooks-first", "torchreg-first")]
 
 
 @pytest.mark.parametrize("mode, kind, order", CASES)

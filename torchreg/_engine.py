@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from . import _prox
+from . import _prox, _scaleout
 from ._ops import Adder
 
 __all__ = ["ATTR", "Entry", "Skipped", "Unit", "attach", "units_in", "owner_of"]
@@ -333,6 +333,22 @@ def _make_hook(unit: "Unit", index: int) -> Callable[[Tensor], None]:
     return hook
 
 
+def _make_reach_hook(unit: "Unit") -> Callable[[Tensor], None]:
+    """Post-accumulate-grad hook on the unsharded parameter FSDP2 keeps for a covered sharded one: autograd
+    accumulates into it on every backward, also one that does not synchronize gradients (FSDP2 then
+    runs no hook of the sharded parameter), so it opens the unit's session; the end-of-backward step adds
+    the terms of the parameters whose sharded hook did not run to their sharded ``.grad``."""
+    ref = weakref.ref(unit)
+
+    def reach(param: Tensor) -> None:
+        unit = ref()
+        if unit is not None and unit._task != _current_task():
+            unit._begin()
+
+    setattr(reach, ATTR, ref)
+    return reach
+
+
 def units_in(module: nn.Module) -> Iterator["Unit"]:
     """Every unit applied to ``module`` or to one of its submodules, in ``modules()`` order."""
     for m in module.modules():
@@ -389,6 +405,40 @@ class _LazyWatch:
         self.unit._register_ready()
 
 
+class _FirstForward:
+    """A global module forward hook (``register_module_forward_hook``: no hook on the user's modules)
+    while some unit has not run its first backward yet nor seen an optimizer step: at each forward of
+    such a unit's root, :meth:`Unit._on_forward` follows parameters replaced since it was applied
+    (``fully_shard``, ``to_empty`` from the meta device) before the backward that needs their hooks. It
+    is removed as soon as no unit waits; it does nothing inside ``torch.compile`` (the first optimizer
+    step does it then, with a warning)."""
+
+    units: "weakref.WeakValueDictionary[int, Unit]" = weakref.WeakValueDictionary()  # id(root) -> unit
+    handle: Any = None
+
+    @classmethod
+    def add(cls, unit: "Unit") -> None:
+        cls.units[id(unit.root)] = unit
+        if cls.handle is None:
+            cls.handle = torch.nn.modules.module.register_module_forward_hook(cls._hook)
+
+    @classmethod
+    def discard(cls, unit: "Unit") -> None:
+        if cls.units.get(id(unit.root)) is unit:
+            del cls.units[id(unit.root)]
+        if not cls.units and cls.handle is not None:
+            cls.handle.remove()
+            cls.handle = None
+
+    @staticmethod
+    def _hook(module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        unit = _FirstForward.units.get(id(module))
+        if unit is not None and unit.root is module:
+            unit._on_forward()
+
+
 class _Rebind:
     """``load_state_dict`` post-hook on a unit's root: ``load_state_dict(..., assign=True)`` puts new
     parameter objects in the modules, and the unit follows them (its hooks were on the old ones)."""
@@ -434,6 +484,11 @@ class Unit:
         self._probe: Optional[Tuple[int, Any]] = None
         self._backwards = 0
         self._warned = False
+        self._opened = False  # a session was opened since install (or unpickling)
+        self._dist = False  # the session in progress runs under a multi-rank process group
+        self._nodefer = [False] * len(self.entries)
+        self._defer = self._nodefer  # per entry: term left to the end of backward (DDP averages after hooks)
+        self._reach: Dict[int, Tuple[Any, Any]] = {}  # entry -> (weakref to FSDP2's unsharded param, handle)
 
     def __getstate__(self) -> Dict[str, Any]:
         keep = ("root", "entries", "skipped", "accumulation_steps", "_lazy_handle", "_load_handle")
@@ -449,6 +504,7 @@ class Unit:
         StepCounter.unchecked.add(self)
         StepCounter.scaler_unchecked[self] = StepCounter.SCALER_CHECK_STEPS
         _prox.track(self)
+        _FirstForward.add(self)
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "Unit":
         new = Unit.__new__(Unit)
@@ -469,11 +525,13 @@ class Unit:
             StepCounter.unchecked.add(self)
             StepCounter.scaler_unchecked[self] = StepCounter.SCALER_CHECK_STEPS
             _prox.track(self)
+            _FirstForward.add(self)
         except BaseException:
             self.uninstall()
             raise
 
     def uninstall(self) -> None:
+        _FirstForward.discard(self)
         _DistributedSweep.live.discard(self)
         StepCounter.unchecked.discard(self)
         StepCounter.scaler_unchecked.pop(self, None)
@@ -481,6 +539,9 @@ class Unit:
         for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
+        for _, handle in self._reach.values():
+            handle.remove()
+        self._reach.clear()
         if self._lazy_handle is not None:
             self._lazy_handle.remove()
             self._lazy_handle = None
@@ -505,7 +566,40 @@ class Unit:
         for i, entry in enumerate(self.entries):
             p = entry.param
             if i not in self._handles and p.requires_grad and not _is_lazy(p) and not entry.rule.proximal:
-                self._handles[i] = p.register_post_accumulate_grad_hook(_make_hook(self, i))
+                self._handles[i] = handle = p.register_post_accumulate_grad_hook(_make_hook(self, i))
+                _scaleout.put_first(p, handle)
+
+    def _on_forward(self) -> None:
+        """At a forward of the root before the first backward (and while a parameter waits for its hook):
+        refuse parameters torchreg cannot regularize (FSDP1, ZeRO-3: wrapped after torchreg was
+        applied), follow parameters replaced since the unit was applied (``fully_shard``, ``to_empty``,
+        an assignment: exact from the first backward), hook FSDP2's unsharded parameters, register the
+        hooks of parameters initialized or unfrozen since."""
+        for entry in self.entries:
+            reason = _scaleout.refusal(entry.param) or _scaleout.refusal_at(self.root, entry.name)
+            if reason is not None:
+                raise RuntimeError(f"{reason} (parameter {entry.name!r} of {type(self.root).__name__})")
+        replaced = self._replaced()
+        if replaced:  # no backward ran with the old ones yet: exact
+            self._rebind(replaced)
+        self._hook_unsharded()
+        self._register_ready()
+
+    def _hook_unsharded(self) -> None:
+        """Register :func:`_make_reach_hook` on the unsharded parameter FSDP2 keeps for each covered
+        sharded parameter (created at its first all-gather: hooked at the first forward)."""
+        found = _scaleout.fsdp2_params(e.param for e in self.entries if not e.rule.proximal)
+        for i, entry in enumerate(self.entries):
+            fsdp_param = found.get(id(entry.param))
+            unsharded = None if fsdp_param is None else _scaleout.fsdp2_unsharded(fsdp_param)
+            if unsharded is None or not unsharded.requires_grad:
+                continue
+            old = self._reach.get(i)
+            if old is not None and old[0]() is unsharded:
+                continue
+            if old is not None:
+                old[1].remove()
+            self._reach[i] = (weakref.ref(unsharded), unsharded.register_post_accumulate_grad_hook(_make_reach_hook(self)))
 
     def _replaced(self) -> List[Tuple[int, Entry, nn.Parameter]]:
         """Entries whose name now holds another parameter object than the one covered."""
@@ -516,7 +610,9 @@ class Unit:
             except AttributeError:  # no longer a parameter under this name: keep the one we have
                 continue
             if current is not entry.param:
-                found.append((i, entry, current))
+                current = _scaleout.sharded_of(current)  # FSDP2's unsharded parameter, during forward
+                if current is not entry.param:
+                    found.append((i, entry, current))
         return found
 
     def _check_replaced(self) -> None:
@@ -524,21 +620,28 @@ class Unit:
         ``load_state_dict``: ``model.to_empty()`` from the meta device, FSDP2's ``fully_shard``, an
         assignment) got no term so far. Warn, and follow them from now on. Parameters that are no
         longer parameters at all (a reparametrization took them out) are warned about too."""
+        _FirstForward.discard(self)
         self._register_ready()  # (an unpickled unit: its forward hook, if a parameter has no hook)
         self._check_gone()
         replaced = self._replaced()
         if replaced:
-            names = ", ".join(entry.name for _, entry, _ in replaced[:5]) + (", ..." if len(replaced) > 5 else "")
-            warnings.warn(
-                f"torchreg: {len(replaced)} regularized parameter(s) of {type(self.root).__name__} ({names}) "
-                "were replaced by new objects after torchreg was applied (model.to_empty(), fully_shard(), "
-                "or an assignment), so the backward passes before this optimizer step added no "
-                "regularization to them. torchreg follows the new parameters from now on; apply torchreg "
-                "after such calls to regularize from the first step.",
-                UserWarning,
-                stacklevel=4,  # the user's optimizer.step() call
-            )
+            self._warn_replaced(replaced, stacklevel=5)  # the user's optimizer.step() call
             self._rebind(replaced)
+        self._hook_unsharded()  # (torch.compile: not done at the forward)
+
+    def _warn_replaced(self, replaced: List[Tuple[int, Entry, nn.Parameter]], stacklevel: int) -> None:
+        """Parameters replaced after a backward ran with the old ones (found at a forward or a step)."""
+        names = ", ".join(entry.name for _, entry, _ in replaced[:5]) + (", ..." if len(replaced) > 5 else "")
+        warnings.warn(
+            f"torchreg: {len(replaced)} regularized parameter(s) of {type(self.root).__name__} ({names}) "
+            "were replaced by new objects (model.to_empty(), fully_shard(), or an assignment) after the "
+            "first forward of the model it was applied to, or inside torch.compile, so the backward passes "
+            "before this optimizer step added no regularization to them. torchreg follows the new "
+            "parameters from now on; replace parameters before the first forward (or apply torchreg "
+            "after) to regularize from the first step.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
     def _check_gone(self) -> None:
         """Entries whose name no longer holds a parameter: the same object under another name (a
@@ -593,12 +696,13 @@ class Unit:
             if handle is not None:
                 handle.remove()
             self.entries[i] = entry._replace(param=current)
+        self._cached = (None, self._none)  # adders depend on the parameters' kind (DTensor or not)
         self._register_ready()
 
     def _on_grad(self, index: int, param: Tensor) -> None:
         """The hook's uncommon cases: no or a sparse gradient, a scale on another device, a rule
-        without an adder; under a process group, nothing until the end."""
-        if not self._deferred:
+        without an adder, a sharded parameter; under DDP, nothing until the end."""
+        if not self._defer[index]:
             self._add(self.entries[index], param)
 
     def _begin(self) -> None:
@@ -642,7 +746,14 @@ class Unit:
         self._session = weakref.ref(session)
         self._seen = set()
         self._read_factors()
-        self._deferred = _distributed()
+        if not self._opened:
+            self._opened = True
+            _FirstForward.discard(self)
+        self._dist = _distributed()
+        # Under DDP the hooks run before the gradients are averaged: every term waits for the end of
+        # backward. FSDP2 runs a sharded parameter's hooks after its reduce-scatter: added there.
+        self._defer = [not _scaleout.is_dtensor(e.param) for e in self.entries] if self._dist else self._nodefer
+        self._deferred = any(self._defer)
         self._adders = self._build_adders()
         self._home(session, info)
 
@@ -661,7 +772,7 @@ class Unit:
     def _own(self, session: _Session, info: _Task) -> None:
         session.owner = info.id
         session.listed = info.listed
-        if self._deferred:
+        if self._dist:
             _DistributedSweep.begin(self, info.id)
         _queue_callback(functools.partial(self._end_of_backward, session))
 
@@ -669,14 +780,16 @@ class Unit:
         """Each entry's adder for this backward (None: the hook calls :meth:`_add`). Rebuilt only when
         a strength or a factor changed; with a grad scaler, every backward (parameters may have moved
         to another device than the scale's since the last one)."""
-        if self._deferred:
+        if self._deferred and all(self._defer):
             return self._none
         scale = self._scale
-        key = (self._alpha, [rule._strength_values() for rule in self._rules])
+        key = (self._alpha, [rule._strength_values() for rule in self._rules], tuple(self._defer))
         if scale is None and key == self._cached[0]:
             return self._cached[1]
         by_rule = {id(rule): rule._adder(self._alpha, scale) for rule in self._rules}
-        adders = [by_rule[id(e.rule)] for e in self.entries]
+        # (a sharded parameter takes Unit._add: its shard)
+        adders = [None if d or _scaleout.is_dtensor(e.param) else by_rule[id(e.rule)]
+                  for d, e in zip(self._defer, self.entries)]
         if scale is None:
             self._cached = (key, adders)
         else:
@@ -711,7 +824,7 @@ class Unit:
                 self._register_ready()  # parameters unfrozen since the last backward
                 for i, entry in enumerate(self.entries):
                     p = entry.param
-                    if ((self._deferred or i not in self._seen) and p.requires_grad and not _is_lazy(p)
+                    if ((self._defer[i] or i not in self._seen) and p.requires_grad and not _is_lazy(p)
                             and (listed is None or listed(p))):
                         self._add(entry, p)
             self._count_backward()
@@ -721,6 +834,7 @@ class Unit:
             self._seen = set()
             self._scales = {}
             self._adders = self._none  # (drops the references to a grad scaler's scale)
+            self._defer = self._nodefer
 
     def _add(self, entry: Entry, p: Tensor) -> None:
         if entry.rule.proximal:  # nothing at backward: _prox.py applies it after the step
@@ -732,6 +846,8 @@ class Unit:
             # No gradient yet (a skipped parameter), or a sparse one (nn.Embedding(sparse=True)): the
             # result is dense, as autograd's is when a dense penalty gradient is added to the loss.
             p.grad = g = torch.zeros_like(p) if g is None else g.to_dense()
+        if _scaleout.is_dtensor(p) and _scaleout.elementwise_on_shards(entry.rule, p):
+            g, p = _scaleout.local(g), _scaleout.local(p)  # this rank's shard, as the kernels expect
         scale = self._scale
         if scale is not None and scale.device != g.device:
             scale = self._scales.get(g.device)
