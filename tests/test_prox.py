@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import torchreg
-from torchreg import _prox
+from torchreg import _after_step, _engine
 
 sklearn_lm = pytest.importorskip("sklearn.linear_model")
 
@@ -148,7 +148,7 @@ def test_plain_lr_threshold_under_momentum_misses_the_optimum(monkeypatch: pytes
     alpha = 0.05
     ref = sklearn_lm.Lasso(alpha=alpha, fit_intercept=False, tol=1e-12, max_iter=100_000).fit(x, y[:, 0]).coef_
     weak = sklearn_lm.Lasso(alpha=alpha * 0.1, fit_intercept=False, tol=1e-12, max_iter=100_000).fit(x, y[:, 0]).coef_
-    monkeypatch.setattr(_prox, "_step_size", lambda opt, group, p: group["lr"])
+    monkeypatch.setattr(_after_step, "_step_size", lambda opt, group, p: group["lr"])
     layer = torchreg.L1(linear(), alpha, proximal=True)
     train(layer, "momentum", x, y)
     got = layer.weight[0].detach().numpy()
@@ -158,7 +158,7 @@ def test_plain_lr_threshold_under_momentum_misses_the_optimum(monkeypatch: pytes
 
 def test_adamw_weight_decay_fixed_point(data1) -> None:
     """AdamW(weight_decay=wd > 0): the fixed point satisfies -(g + wd * D * w) in lam * d|w|, D being Adam's
-    denominator there (see _prox.py); it is not the plain lasso solution."""
+    denominator there (see _after_step.py); it is not the plain lasso solution."""
     x, y = data1
     lam, wd, lr, beta2 = 0.05, 0.5, 0.02, 0.99  # (beta2 0.999: v lags, the same point but slower)
     layer = torchreg.L1(linear(), lam, proximal=True)
@@ -372,7 +372,7 @@ def test_remove_regularization_ends_the_prox() -> None:
     expected = layer.weight.detach() - 0.5 * layer.weight.grad
     opt.step()
     assert torch.equal(layer.weight, expected)
-    assert _prox.owner_of(layer.weight) is None and unit not in _prox._live
+    assert _engine.owner_of(layer.weight) is None and unit not in _after_step._live
 
 
 def test_skipped_grad_scaler_step_applies_no_prox() -> None:
@@ -563,7 +563,7 @@ def test_bad_dim_leaves_the_model_untouched() -> None:
     with pytest.raises(ValueError):
         torchreg.GroupLasso(layer, 0.1, params="*", proximal=True)
     assert "_torchreg_unit" not in layer.__dict__
-    assert not layer.weight._post_accumulate_grad_hooks and _prox.owner_of(layer.weight) is None
+    assert not layer.weight._post_accumulate_grad_hooks and _engine.owner_of(layer.weight) is None
     torchreg.GroupLasso(layer, 0.1, dim=-1)  # the same layer can still be regularized
     assert torchreg.summary(layer).records[0]["regularizer"] == "GroupLasso(lam=0.1, dim=-1)"
 
@@ -573,9 +573,9 @@ def test_proximal_parameter_cannot_be_covered_twice() -> None:
     torchreg.L1(model[0], 0.1, proximal=True)
     with pytest.raises(ValueError, match="already regularized"):
         torchreg.apply_regularization(model, {nn.Linear: torchreg.L2(0.1)})
-    assert _prox.owner_of(model[0].weight) is not None
+    assert _engine.owner_of(model[0].weight) is not None
     torchreg.remove_regularization(model)
-    assert _prox.owner_of(model[0].weight) is None
+    assert _engine.owner_of(model[0].weight) is None
 
 
 @pytest.mark.parametrize("make_opt", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
@@ -593,7 +593,7 @@ def test_dropped_model_and_optimizer_are_freed(make_opt: Callable) -> None:
     gc.collect()
     assert w() is None and o() is None
     assert all(u() is None for u in units)
-    assert o not in [weakref.ref(k) for k in _prox._pending]
+    assert o not in [weakref.ref(k) for k in _after_step._pending]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -677,7 +677,7 @@ def test_proximal_only_unit_keeps_no_watcher_and_needs_no_scaler():
     take, and an undeclared GradScaler (which only scales backward terms) is not warned about."""
     layer = torchreg.L1(nn.Linear(4, 4), 0.1, proximal=True)
     unit = layer.__dict__["_torchreg_unit"]
-    assert unit._lazy_handle is None and not layer._forward_hooks
+    assert unit.tracker.lazy_handle is None and not layer._forward_hooks
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu")
     with warnings.catch_warnings():

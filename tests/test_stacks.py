@@ -440,7 +440,7 @@ def test_concurrent_backwards_from_two_threads_raise() -> None:
             loss = last(Wait.apply(torch.tanh(first(torch.randn(3, 4))))).sum()
             barrier.wait(timeout=30)
             if name == "fast":  # wait until the slow one is inside its backward (its first hook ran)
-                while getattr(model, "_torchreg_unit")._session() is None:
+                while getattr(model, "_torchreg_unit").sessions.current() is None:
                     time.sleep(0.001)
             loss.backward()
         except BaseException as error:  # noqa: BLE001 - reported below
@@ -540,7 +540,7 @@ def test_scaler_warning_waits_for_the_model_s_own_optimizer() -> None:
 def test_scaler_check_gives_up_on_a_model_never_stepped() -> None:
     """An EMA copy, never stepped by an optimizer: after SCALER_CHECK_STEPS steps of another optimizer
     it is no longer looked at (no cost per step for the rest of training)."""
-    from torchreg._engine import StepCounter
+    from torchreg._guards import StepCounter
 
     ema = small_model()
     unit = getattr(ema, "_torchreg_unit")

@@ -5,7 +5,7 @@ The regularization gradient (``lam * sign(w)`` for L1, ``lam * w`` for L2, as ``
 they are. Also: Elastic-Net, group lasso and orthogonality penalties, proximal (exactly sparse) L1,
 Elastic-Net and group lasso applied after each optimizer step, penalties on a layer's outputs
 (``ActivityL1``, ``ActivityL2``), rules as plain data, and optimizer parameter groups from the same
-selection. Integrations: ``torchreg.lightning``, ``torchreg.hf`` (imported only when asked for).
+selection, and :func:`is_regularized`. Integrations: ``torchreg.lightning``, ``torchreg.hf`` (imported only when asked for).
 
 >>> import torch, torchreg
 >>> net = torch.nn.Sequential(torchreg.L1(torch.nn.Linear(8, 8), lam=1e-4), torch.nn.ReLU(),
@@ -14,6 +14,7 @@ selection. Integrations: ``torchreg.lightning``, ``torchreg.hf`` (imported only 
 
 from .activity import ActivityL1, ActivityL2
 from .config import rules_from_config, rules_to_config
+from ._registry import is_regularized
 from .groups import param_groups
 from .regularizers import ElasticNet, GroupLasso, L1, L2, Orthogonal, Regularizer
 from .report import Sparsity, Summary, penalty, sparsity, summary
@@ -36,6 +37,7 @@ __all__ = [
     "__version__",
     "apply_regularization",
     "configure",
+    "is_regularized",
     "param_groups",
     "penalty",
     "remove_regularization",

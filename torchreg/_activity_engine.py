@@ -37,11 +37,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["ATTR", "NOTE", "ActivityEntry", "ActivityUnit", "activity_units_in", "attach", "check_free", "hooks_on",
+from . import _registry
+
+__all__ = ["ATTR", "NOTE", "ActivityEntry", "ActivityUnit", "activity_units_in", "attach", "check_free",
            "summary_records"]
 
-#: The attribute set on the module an activity regularization call was applied to.
-ATTR = "_torchreg_activity"
+#: The kind of unit this module makes, and the attribute set on the module it was applied to.
+KIND = "activity"
+ATTR = _registry.register_kind(KIND, "_torchreg_activity")
 
 #: The summary note of a module whose outputs are regularized (how ``report.Summary`` tells its rows).
 NOTE = "activity: each call's output; not in penalty()"
@@ -146,13 +149,6 @@ class _OutputHook:
         return replaced
 
 
-def hooks_on(module: nn.Module) -> Iterator[_OutputHook]:
-    """The activity hooks registered on ``module`` (by any unit)."""
-    for hook in module._forward_hooks.values():
-        if isinstance(hook, _OutputHook):
-            yield hook
-
-
 class ActivityUnit:
     """The activity regularization applied by one call, on the module ``root`` it was applied to."""
 
@@ -168,11 +164,16 @@ class ActivityUnit:
         state["grad_scaler"] = None  # as the weight engine: a pickled model is reconfigured with its scaler
         return state
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.installed:
+            _registry.claim(self, KIND, [entry.module for entry in self.entries])
+
     def __deepcopy__(self, memo: Dict[int, Any]) -> "ActivityUnit":
         new = ActivityUnit.__new__(ActivityUnit)
         memo[id(self)] = new
         state = {k: v for k, v in self.__dict__.items() if k != "grad_scaler"}
-        new.__dict__.update(copy.deepcopy(state, memo))
+        new.__setstate__(copy.deepcopy(state, memo))
         new.grad_scaler = self.grad_scaler  # a copy trains with the same scaler
         return new
 
@@ -181,6 +182,7 @@ class ActivityUnit:
             for i, entry in enumerate(self.entries):
                 entry.module.register_forward_hook(_OutputHook(self, i))
             setattr(self.root, ATTR, self)
+            _registry.claim(self, KIND, [entry.module for entry in self.entries])
             self.installed = True
         except BaseException:
             self.uninstall()
@@ -188,6 +190,7 @@ class ActivityUnit:
 
     def uninstall(self) -> None:
         self.installed = False
+        _registry.release(self, KIND, [entry.module for entry in self.entries])
         for entry in self.entries:
             hooks = entry.module._forward_hooks
             for key in [k for k, h in hooks.items() if isinstance(h, _OutputHook) and h.unit is self]:
@@ -207,10 +210,7 @@ class ActivityUnit:
 
 def activity_units_in(module: nn.Module) -> Iterator[ActivityUnit]:
     """Every activity unit applied to ``module`` or to one of its submodules, in ``modules()`` order."""
-    for m in module.modules():
-        unit = m.__dict__.get(ATTR)
-        if unit is not None:
-            yield unit
+    return _registry.units_in(module, KIND)
 
 
 def check_free(root: nn.Module, entries: Sequence[ActivityEntry]) -> None:
@@ -223,8 +223,9 @@ def check_free(root: nn.Module, entries: Sequence[ActivityEntry]) -> None:
             "call torchreg.remove_regularization(module) first"
         )
     for entry in entries:
-        for hook in hooks_on(entry.module):
-            other = hook.unit.entries[hook.index].rule
+        unit = _registry.owner_of(entry.module, KIND)
+        if unit is not None:
+            other = next(e.rule for e in unit.entries if e.module is entry.module)
             where = entry.name or type(entry.module).__name__
             raise ValueError(
                 f"the output of {where!r} is already regularized by torchreg ({other!r}); a module's output "

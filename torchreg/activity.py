@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _activity_engine
-from .regularizers import Regularizer, _strength
+from .regularizers import Regularizer, strength
 from ._validate import check_module
 
 __all__ = ["ActivityL1", "ActivityL2"]
@@ -43,7 +43,7 @@ class _ActivityRegularizer(Regularizer):
     """
 
     _strengths = ("lam",)
-    lam = _strength("lam")
+    lam = strength("lam")
     params = None  # no parameter selection: the output is penalized
 
     @overload

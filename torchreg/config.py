@@ -39,17 +39,15 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
-from .activity import ActivityL1, ActivityL2
-from .regularizers import ElasticNet, GroupLasso, L1, L2, Orthogonal
+from . import activity as _activity, regularizers as _regularizers  # noqa: F401 (they register their classes)
+from ._registry import RULES as _REGULARIZERS  # (see below)
 from .walker import RuleKey, RuleValue, _compile_value, _key_label
 
 __all__ = ["rules_from_config", "rules_to_config"]
 
-#: The regularizers a config can name, by class name. Each is built as ``cls(**options)`` and written
-#: back from ``rule._kwargs()`` (its constructor arguments), so a new class needs one entry here.
-_REGULARIZERS: Dict[str, type] = {
-    cls.__name__: cls for cls in (ActivityL1, ActivityL2, ElasticNet, GroupLasso, L1, L2, Orthogonal)
-}
+# The rules a config can name (_REGULARIZERS): every public torchreg rule class, by class name, as each
+# registers itself (torchreg._registry.RULES). Each is built as ``cls(**options)`` and written back from
+# ``rule._kwargs()`` (its constructor arguments), so a new class needs nothing here.
 
 _RULE_KEYS = ("match", "regularizer")
 _MATCH_KEYS = ("type", "name")
@@ -194,14 +192,14 @@ def _regularizer_from(data: Any, path: str) -> RuleValue:
                         f"exclude the module, got {data!r} ({type(data).__name__})")
     if "type" not in data:
         raise ValueError(f"{path}: missing key 'type' (the regularizer's name: "
-                         f"{', '.join(map(repr, _REGULARIZERS))})")
+                         f"{', '.join(map(repr, sorted(_REGULARIZERS)))})")
     name = data["type"]
     if not isinstance(name, str):
         raise TypeError(f"{path}.type: expected a regularizer name (a string), got {name!r} ({type(name).__name__})")
     cls = _REGULARIZERS.get(name)
     if cls is None:
-        close = difflib.get_close_matches(name, list(_REGULARIZERS), n=1)
-        raise ValueError(f"{path}.type: unknown regularizer {name!r}; known: {', '.join(map(repr, _REGULARIZERS))}"
+        close = difflib.get_close_matches(name, sorted(_REGULARIZERS), n=1)
+        raise ValueError(f"{path}.type: unknown regularizer {name!r}; known: {', '.join(map(repr, sorted(_REGULARIZERS)))}"
                          + (f" (did you mean {close[0]!r}?)" if close else ""))
     allowed, required = _signature(cls)
     _check_keys(data, ["type", *allowed], path, f"a {name} regularizer")

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from . import _engine
+from ._registry import is_regularized
 from .training import configure
 from .walker import _compile_rules, apply_regularization
 
@@ -77,7 +77,7 @@ class RegularizationCallback(transformers.TrainerCallback):
                        **kwargs: Any) -> None:
         self._declared = None
         model = self._trainer().model if model is None else model
-        if not any(True for _ in _engine.units_in(model)):
+        if not is_regularized(model):
             raise ValueError(f"torchreg.hf: nothing in {type(model).__name__} is regularized by torchreg")
         self._declare(args, model, optimizer)
 
@@ -129,7 +129,7 @@ def attach(trainer: Any, rules: Optional[Mapping[Any, Any]] = None, *, strict: b
         raise TypeError(f"attach expects a transformers.Trainer, got {trainer!r} ({type(trainer).__name__})")
     model = trainer.model
     if rules is None:
-        if not any(True for _ in _engine.units_in(model)):
+        if not is_regularized(model):
             raise ValueError(
                 f"torchreg.hf.attach: nothing in {type(model).__name__} is regularized by torchreg; pass "
                 "rules=... or regularize the model before"

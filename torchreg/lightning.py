@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from . import _engine
+from ._registry import is_regularized
 from .training import configure
 from .walker import _compile_rules, apply_regularization
 
@@ -101,7 +101,7 @@ class Regularization(_pl.Callback):
         self._applied_to = weakref.ref(pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if not any(True for _ in _engine.units_in(pl_module)):
+        if not is_regularized(pl_module):
             raise ValueError(
                 f"torchreg.lightning.Regularization: nothing in {type(pl_module).__name__} is regularized "
                 "by torchreg; pass rules=... to the callback or regularize layers in the module's __init__"

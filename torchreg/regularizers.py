@@ -21,85 +21,88 @@ rule for :func:`torchreg.apply_regularization` that can also be applied later wi
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple, Type, TypeVar, overload
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Type, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
 
 from . import _engine
+from ._base import Rule
 from ._ops import _FLOAT16_MAX
 from ._ops import (
     Adder, add_elastic_, add_scaled_, add_sign_, elastic_adder, nothing, scaled_adder, sign_adder, sum_of_squares,
 )
-from ._select import Selection, check_selection, describe_selection, select
-from ._validate import check_hookable, check_strength, describe, largest
+from ._select import Selection
+from ._validate import check_strength, largest
 
-__all__ = ["Regularizer", "L1", "L2", "ElasticNet", "GroupLasso", "Orthogonal"]
+__all__ = ["Regularizer", "L1", "L2", "ElasticNet", "GroupLasso", "Orthogonal", "strength"]
 
 M = TypeVar("M", bound=nn.Module)
 R = TypeVar("R", bound="Regularizer")
 
-
-def _rebuild(cls: type, kwargs: Dict[str, Any]) -> "Regularizer":
-    return cls(**kwargs)
-
-
-#: "No module given" (``None`` given as the module is an error, not a rule).
-_NO_MODULE: Any = object()
 
 #: Strength coefficients above this may not fit a parameter's dtype (float16's largest value); the
 #: adders then leave the work to :meth:`Regularizer.grad_`, which gives autograd's inf on overflow.
 _SMALLEST_MAX = _FLOAT16_MAX
 
 
-class Regularizer:
-    """Base class of torchreg's regularizers: :class:`L1`, :class:`L2`, :class:`ElasticNet`,
-    :class:`GroupLasso`, :class:`Orthogonal`, and the activity regularizers of ``torchreg.activity``.
+class Regularizer(Rule):
+    """Base class of torchreg's regularizers, and the contract a new one is written to.
 
-    A subclass names its strengths in ``_strengths`` and defines :meth:`penalty` and :meth:`grad_`;
-    it needs no hook code: when the gradient is added is the engine's business. A proximal one also
-    defines :meth:`prox_`; which step it gets after which optimizer is ``torchreg/_prox.py``'s business.
+    torchreg's own: :class:`L1`, :class:`L2`, :class:`ElasticNet`, :class:`GroupLasso`,
+    :class:`Orthogonal`, and the activity regularizers :class:`torchreg.ActivityL1` and
+    :class:`torchreg.ActivityL2`. A regularizer is only its maths; *when* its gradient is added (hooks,
+    backward sessions, accumulation, grad scalers, DDP) is the engine's business, and *which step* a
+    proximal operator gets after which optimizer is the after-step module's. A subclass:
+
+    * names its strengths in ``_strengths`` (each a :func:`strength` attribute: validated, settable at
+      any time) and sets them in ``__init__``; calls ``self._init_selection(params)``;
+    * defines :meth:`penalty` (the formula, with autograd-able torch ops) and :meth:`grad_` (adds
+      ``alpha * scale * d penalty / d param`` to ``grad`` in place);
+    * optionally defines :meth:`prox_` (then ``self._init_proximal(proximal)`` in ``__init__`` enables
+      ``proximal=True``), :meth:`init_state` (per-parameter state, e.g. an anchor: then ``state=`` is
+      passed to :meth:`penalty`, :meth:`grad_` and :meth:`prox_`), ``_check_param`` (refuse a parameter
+      before anything changes) and ``_coupled_dims`` (the dimensions its penalty couples, for sharded
+      parameters);
+    * gives its constructor arguments back in ``_kwargs()`` when it has options beyond its strengths,
+      ``params`` and ``proximal`` (repr and the config format use it).
+
+    It is then used like the built-in ones: ``MyReg(layer, 0.1)``, ``MyReg(0.1)`` as a rule for
+    :func:`torchreg.apply_regularization`, and every mechanism of torchreg (accumulation, GradScaler,
+    DDP, checkpointing, ``torch.compile``, copies) applies to it.
+
+    Example (a complete regularizer, the smooth ``lam * sum(log(cosh(w)))``)::
+
+        >>> import torch, torchreg
+        >>> class LogCosh(torchreg.Regularizer):
+        ...     _strengths = ("lam",)
+        ...     lam = torchreg.regularizers.strength("lam")
+        ...     def __init__(self, lam, *, params=None):
+        ...         self.lam = lam
+        ...         self._init_selection(params)
+        ...     def penalty(self, param):
+        ...         return self.lam * torch.log(torch.cosh(param)).sum()
+        ...     def grad_(self, grad, param, alpha=1.0, scale=None):
+        ...         term = torch.tanh(param) * (self.lam * alpha)
+        ...         grad.add_(term if scale is None else term * scale)
+        >>> layer = LogCosh(torch.nn.Linear(2, 1, bias=False), 0.5)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[0.0, 1.0]]))
+        >>> layer(torch.zeros(1, 2)).sum().backward()      # data gradient 0
+        >>> layer.weight.grad                               # 0.5 * tanh(w)
+        tensor([[0.0000, 0.3808]])
+        >>> LogCosh(0.1)
+        LogCosh(lam=0.1)
     """
 
+    _base = True
     _strengths: tuple = ()
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        if cls is Regularizer:
-            raise TypeError("Regularizer is a base class; use torchreg.L1, L2, ElasticNet, GroupLasso, Orthogonal, "
-                            "ActivityL1 or ActivityL2")
-        module, args, kwargs = cls._split_module(args, kwargs)
-        if module is _NO_MODULE:
-            return super().__new__(cls)
-        if module is None:
-            raise TypeError(
-                f"torchreg.{cls.__name__} expects an nn.Module instance as its module, got None; leave the module "
-                f"out to make a rule: torchreg.{cls.__name__}({', '.join(cls._strengths)})"
-            )
-        check_hookable(module, f"torchreg.{cls.__name__}")
-        return cls(*args, **kwargs).apply(module)
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._positional = cls._strengths  # L1(layer, 1e-4), ElasticNet(layer, 1e-4, 1e-3)
 
-    @classmethod
-    def _split_module(cls, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, tuple, Dict[str, Any]]:
-        """``(module, args, kwargs)`` of a call ``cls(*args, **kwargs)``, the module taken out of them
-        (:data:`_NO_MODULE` when the call makes a rule). The first positional argument is the module when
-        it is one (or a module class), or when there are more positional arguments than strengths left
-        for them (``L1(None, 0.1)``, ``L1(None, lam=0.1)``). Raises ``TypeError`` for two modules."""
-        kwargs = dict(kwargs)
-        module = kwargs.pop("module", _NO_MODULE)
-        free = len(cls._strengths) - sum(name in kwargs for name in cls._strengths)
-        if args and (
-            isinstance(args[0], nn.Module) or len(args) > free
-            or (isinstance(args[0], type) and issubclass(args[0], nn.Module))
-        ):
-            if module is not _NO_MODULE:
-                raise TypeError(
-                    f"torchreg.{cls.__name__} got two modules: {describe(args[0])} as the first argument and "
-                    f"{describe(module)} as module=; give one"
-                )
-            module, args = args[0], args[1:]
-        return module, tuple(args), kwargs
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - replaced below
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - replaced by subclasses
         raise NotImplementedError
 
     # -- the maths --------------------------------------------------------------------------
@@ -113,6 +116,19 @@ class Regularizer:
         ``scale`` is ``None`` or a 0-dim tensor on ``grad``'s device (a grad scaler's scale).
         """
         raise NotImplementedError
+
+    def init_state(self, name: str, param: Tensor) -> Optional[Dict[str, Tensor]]:
+        """Per-parameter state for ``param`` (named ``name`` under the module the rule is applied to), or
+        None (the default: no state).
+
+        Called once per selected parameter when the rule is applied, before anything changes: raise
+        ``ValueError``/``TypeError`` to refuse. The returned tensors are kept once per parameter by the
+        engine (not by the rule), passed as ``state=`` to :meth:`penalty`, :meth:`grad_` and
+        :meth:`prox_`, moved to the parameter's device and dtype before use, copied with the model
+        (``deepcopy``, ``torch.save``), and never put in ``state_dict()``. ``param`` may be an
+        uninitialized (lazy) parameter: raise if the state needs its values.
+        """
+        return None
 
     @property
     def is_zero(self) -> bool:
@@ -149,12 +165,18 @@ class Regularizer:
                 limit, dtype = largest(p.dtype), p.dtype
         if dtype is not None:
             self.__dict__["_limit"] = (limit, dtype)
-    # -- proximal mode (torchreg/_prox.py says when and with which step) --------------------------
+
+    # -- proximal mode (torchreg/_after_step.py says when and with which step) ---------------------
     @property
     def proximal(self) -> bool:
         """True: nothing is added at backward; after each optimizer step the parameter is replaced by
-        :meth:`prox_` (see ``torchreg/_prox.py``). Fixed at construction."""
+        :meth:`prox_` (see ``torchreg/_after_step.py``). Fixed at construction."""
         return self.__dict__.get("proximal", False)
+
+    @property
+    def acts_after_step(self) -> bool:
+        """True when the after-step hooks act on this rule's parameters (a proximal regularizer)."""
+        return self.proximal
 
     def prox_(self, param: Tensor, step: Any) -> None:
         """Replace ``param`` in place by the proximal operator of its penalty with step ``step``:
@@ -178,35 +200,15 @@ class Regularizer:
         if not isinstance(proximal, bool):
             raise TypeError(f"{type(self).__name__} proximal must be True or False, got {proximal!r} "
                             f"({type(proximal).__name__})")
+        if proximal and type(self).prox_ is Regularizer.prox_:
+            raise ValueError(f"{type(self).__name__} has no proximal operator (prox_); use proximal=False")
         self.__dict__["proximal"] = proximal
 
     # -- use ------------------------------------------------------------------------------------
-    def apply(self, module: M) -> M:
-        """Regularize ``module`` in place with this rule and return the same module.
-
-        All parameters of ``module`` and its submodules that the rule selects are covered, as one
-        unit: whenever a backward reaches any of them, each gets its gradient term once.
-
-        Raises:
-            TypeError: ``module`` is not an ``nn.Module`` instance.
-            ValueError: the selection matches no parameter, or a parameter is regularized already.
-        """
-        check_hookable(module, f"{type(self).__name__}.apply")
-        chosen = select(module, self.params, recurse=True)
-        if not chosen:
-            raise ValueError(
-                f"{self!r} selects no parameter of {type(module).__name__} (selection: "
-                f"{describe_selection(self.params)}; its parameters: "
-                f"{[name for name, _ in module.named_parameters()]})"
-            )
+    def _attach(self, module: nn.Module, chosen: List[Tuple[str, Tensor]]) -> None:
         self._check_fits(chosen)
         _engine.attach(module, [_engine.Entry(name, p, self) for name, p in chosen])
         self._applied_to([p for _, p in chosen])
-        return module
-
-    # -- plumbing ---------------------------------------------------------------------------
-    def _init_selection(self, params: Selection) -> None:
-        self.params = check_selection(params)
 
     def _kwargs(self) -> Dict[str, Any]:
         kwargs = {name: getattr(self, name) for name in self._strengths}
@@ -216,19 +218,11 @@ class Regularizer:
             kwargs["proximal"] = True
         return kwargs
 
-    def __reduce__(self) -> Any:
-        limit = self.__dict__.get("_limit")
-        return (_rebuild, (type(self), self._kwargs())) + (({"_limit": limit},) if limit else ())
 
-    def __repr__(self) -> str:
-        kwargs = self._kwargs()
-        if "params" in kwargs:
-            kwargs["params"] = describe_selection(self.params)
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
-
-
-def _strength(name: str) -> property:
-    """A validated strength attribute; a change applies from the next backward."""
+def strength(name: str) -> property:
+    """A validated strength attribute named ``name`` for a :class:`Regularizer` subclass: a finite real
+    number >= 0 (a one-element tensor is taken as its value), at most the largest value of the dtype of
+    the parameters the rule regularizes; a change applies from the next backward."""
 
     def get(self: Regularizer) -> float:
         return self.__dict__[name]
@@ -251,7 +245,7 @@ class _OneStrength(Regularizer):
     """A regularizer with one strength, ``lam``."""
 
     _strengths = ("lam",)
-    lam = _strength("lam")
+    lam = strength("lam")
 
     @overload
     def __new__(cls, module: M, lam: float, *, params: Selection = None) -> M: ...
@@ -455,8 +449,8 @@ class ElasticNet(Regularizer):
     """
 
     _strengths = ("l1", "l2")
-    l1 = _strength("l1")
-    l2 = _strength("l2")
+    l1 = strength("l1")
+    l2 = strength("l2")
 
     @overload
     def __new__(cls, module: M, l1: float, l2: float, *, proximal: bool = False, params: Selection = None) -> M: ...

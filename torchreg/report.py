@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _activity_engine, _engine
+from ._tracking import is_lazy
 from ._select import EXCLUDED, default_weights
 from ._validate import check_module
 
@@ -160,9 +161,9 @@ def summary(module: nn.Module) -> Summary:
                 owner = unit.root.get_submodule(path)
                 r = row(path, type(owner).__name__, entry.origin or "-", repr(entry.rule))
                 r["parameters"].append(leaf)
-                if not _engine._is_lazy(entry.param):
+                if not is_lazy(entry.param):
                     r["numel"] += entry.param.numel()
-                    r["penalty"] = (r["penalty"] or 0.0) + float(entry.rule.penalty(entry.param))
+                    r["penalty"] = (r["penalty"] or 0.0) + float(unit.entry_penalty(entry))
         for skip in unit.skipped:
             row(skip.name, skip.module_type, skip.origin, None)["note"] = skip.reason
         order = {name: i for i, (name, _) in enumerate(unit.root.named_modules())}
@@ -195,7 +196,7 @@ def _uncovered(module: nn.Module) -> List[Dict[str, Any]]:
         group = groups.setdefault(type(owner), dict(type=type(owner).__name__, count=0, numel=0, frozen=0,
                                                      parameters=[]))
         group["count"] += 1
-        group["numel"] += 0 if _engine._is_lazy(p) else p.numel()
+        group["numel"] += 0 if is_lazy(p) else p.numel()
         group["frozen"] += not p.requires_grad
         group["parameters"].append(name)
     return list(groups.values())
@@ -279,7 +280,7 @@ def sparsity(module: nn.Module) -> Sparsity:
             if rule is None:
                 unit = _engine.owner_of(p)  # regularized by a call on an enclosing module
                 rule = next((e.rule for e in unit.entries if e.param is p), None) if unit is not None else None
-            if rule is None or _engine._is_lazy(p):
+            if rule is None or is_lazy(p):
                 continue
             zeros = int((p == 0).sum())
             record: Dict[str, Any] = dict(parameter=name, regularizer=repr(rule), numel=p.numel(), zeros=zeros,

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from . import _activity_engine, _engine
+from . import _guards, _registry
 from ._validate import check_module, check_positive_int
 
 __all__ = ["configure"]
@@ -57,9 +57,9 @@ def configure(model: M, *, accumulation_steps: int = _KEEP, grad_scaler: Any = _
             f"grad_scaler must be a torch.amp.GradScaler or None, got {grad_scaler!r} "
             f"({type(grad_scaler).__name__})"
         )
-    units = list(_engine.units_in(model)) + list(_activity_engine.activity_units_in(model))
+    units = list(_registry.units_in(model))
     if not units:
-        enclosing = next((u for u in map(_engine.owner_of, model.parameters()) if u is not None), None)
+        enclosing = _registry.enclosing_unit(model)
         if enclosing is not None:
             raise ValueError(
                 f"{type(model).__name__} is regularized as part of an enclosing {type(enclosing.root).__name__}, "
@@ -69,8 +69,10 @@ def configure(model: M, *, accumulation_steps: int = _KEEP, grad_scaler: Any = _
         raise ValueError(
             f"nothing in {type(model).__name__} is regularized by torchreg; apply regularization first"
         )
-    _engine.StepCounter.ensure()
+    _guards.StepCounter.ensure()
     for unit in units:
+        if not hasattr(unit, "accumulation_steps"):  # (a kind that adds no gradient term)
+            continue
         if accumulation_steps is not _KEEP:
             unit.accumulation_steps = accumulation_steps
         if grad_scaler is not _KEEP:

@@ -9,11 +9,12 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 
 from torch import nn
 
-from . import _activity_engine, _engine
+from . import _activity_engine, _engine, _registry
 from ._select import EXCLUDED, select
 from ._validate import check_hookable, check_module, describe
 from .activity import _ActivityRegularizer
-from .regularizers import _NO_MODULE, Regularizer
+from ._base import NO_MODULE
+from .regularizers import Regularizer
 
 __all__ = ["apply_regularization", "remove_regularization"]
 
@@ -66,7 +67,7 @@ def _compile_value(value: Any, label: str) -> Optional[Regularizer]:
     if isinstance(value, functools.partial) and isinstance(value.func, type) and issubclass(value.func, Regularizer):
         try:
             module = value.func._split_module(value.args, value.keywords)[0]
-            if module is not _NO_MODULE:  # calling it would regularize that module now: refuse first
+            if module is not NO_MODULE:  # calling it would regularize that module now: refuse first
                 raise TypeError(
                     f"functools.partial(torchreg.{value.func.__name__}, ...) binds {describe(module)}, "
                     "so calling it would regularize that module rather than make a rule; leave the module "
@@ -279,11 +280,9 @@ def remove_regularization(module: M) -> M:
         tensor(0.)
     """
     check_module(module, "remove_regularization")
-    units: List[Any] = list(_engine.units_in(module)) + list(_activity_engine.activity_units_in(module))
+    units: List[Any] = list(_registry.units_in(module))
     if not units:
-        enclosing = next((u for u in map(_engine.owner_of, module.parameters()) if u is not None), None)
-        if enclosing is None:  # an activity regularization applied by a call on an enclosing module
-            enclosing = next((h.unit for m in module.modules() for h in _activity_engine.hooks_on(m)), None)
+        enclosing = _registry.enclosing_unit(module)
         where = (f"; its parameters are regularized by a call on an enclosing {type(enclosing.root).__name__}:"
                  " remove it there" if enclosing is not None else "")
         raise ValueError(f"no torchreg regularization found on {type(module).__name__} or its submodules{where}")

@@ -1,4 +1,4 @@
-"""When the proximal operator is applied: after ``optimizer.step()``, with a step per optimizer.
+"""What happens after ``optimizer.step()``: proximal operators, with a step per optimizer.
 
 A regularizer built with ``proximal=True`` (``L1``, ``ElasticNet``, ``GroupLasso``) adds nothing at
 backward (the engine registers no hook for it). Instead, after every step of a ``torch.optim``
@@ -8,9 +8,11 @@ gradient alone) is replaced by ``prox(w) = argmin_x h(x) + sum_i (x_i - w_i) ** 
 (``Regularizer.prox_(param, step)``); this module only knows optimizers.
 
 Two global hooks (``torch.optim.optimizer.register_optimizer_step_{pre,post}_hook``), registered
-once, do it. The pre-hook finds the proximal parameters the stepping optimizer holds (with their
-param group) and checks the optimizer and its options, raising *before* anything changes; the
-post-hook applies the operators. Consequences:
+once, do it. The pre-hook finds the parameters with an after-step rule that the stepping optimizer
+holds (with their param group) and checks the optimizer and its options, raising *before* anything
+changes; the post-hook applies the operators. A unit takes part by :func:`track` (it has ``entries``
+whose rule has ``acts_after_step``); its entries' per-parameter state is passed as ``state=``.
+Consequences:
 
 * once per optimizer step, not per backward: exact under gradient accumulation, with no declaration;
 * a step that ``GradScaler.step`` skips (inf/NaN gradients) does not call ``optimizer.step()``, so
@@ -72,22 +74,26 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["SUPPORTED", "owner_of", "track", "untrack"]
+from . import _torch_private as private
+from ._tracking import state_kw
+
+__all__ = ["SUPPORTED", "track", "untrack"]
 
 #: The optimizers whose step torchreg knows the exact proximal step for (exact types, not subclasses:
 #: a subclass may change the update). ``AdamW`` is a subclass of ``Adam`` in torch >= 2.7.
 SUPPORTED: Tuple[type, ...] = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
-_live: "weakref.WeakSet[Any]" = weakref.WeakSet()  # units with at least one proximal entry
-_pending: "weakref.WeakKeyDictionary[Any, List[Tuple[Tensor, Any, Dict[str, Any], str]]]" = (
+_live: "weakref.WeakSet[Any]" = weakref.WeakSet()  # units with at least one after-step entry
+#: optimizer -> what its step in progress will do: (parameter, unit, entry, param group)
+_pending: "weakref.WeakKeyDictionary[Any, List[Tuple[Tensor, Any, Any, Dict[str, Any]]]]" = (
     weakref.WeakKeyDictionary()
-)  # optimizer -> what its step in progress will threshold
+)
 _handles: List[Any] = []
 
 
 def track(unit: Any) -> None:
-    """Watch the optimizer steps for ``unit``'s proximal entries (no-op if it has none)."""
-    if any(entry.rule.proximal for entry in unit.entries):
+    """Watch the optimizer steps for ``unit``'s after-step entries (no-op if it has none)."""
+    if any(entry.rule.acts_after_step for entry in unit.entries):
         _live.add(unit)
         if not _handles:
             from torch.optim.optimizer import (
@@ -102,30 +108,20 @@ def untrack(unit: Any) -> None:
     _live.discard(unit)
 
 
-def owner_of(p: Tensor) -> Optional[Any]:
-    """The unit that covers ``p`` with a proximal rule (such a parameter carries no hook)."""
-    for unit in list(_live):
-        for entry in unit.entries:
-            if entry.param is p and entry.rule.proximal:
-                return unit
-    return None
-
-
 # -- the hooks ----------------------------------------------------------------------------------
 def _before_step(optimizer: Any, args: Any, kwargs: Any) -> None:
     if not _live:
         return
-    wanted: Dict[int, Tuple[Any, str]] = {}
+    wanted: Dict[int, List[Tuple[Any, Any]]] = {}
     for unit in list(_live):
         for entry in unit.entries:
-            if entry.rule.proximal:
-                wanted[id(entry.param)] = (entry.rule, entry.name)
+            if entry.rule.acts_after_step:
+                wanted.setdefault(id(entry.param), []).append((unit, entry))
     plan = []
     for group in optimizer.param_groups:
         for p in group["params"]:
-            found = wanted.get(id(p))
-            if found is not None:
-                plan.append((p, found[0], group, found[1]))
+            for unit, entry in wanted.get(id(p), ()):
+                plan.append((p, unit, entry, group))
     if not plan:
         _pending.pop(optimizer, None)
         return
@@ -137,23 +133,27 @@ def _after_step(optimizer: Any, args: Any, kwargs: Any) -> None:
     plan = _pending.pop(optimizer, None) if _pending else None
     if not plan:
         return
-    found_inf = getattr(optimizer, "found_inf", None)
-    if isinstance(found_inf, Tensor) and bool(found_inf):
+    found_inf = private.found_inf(optimizer)
+    if found_inf is not None and bool(found_inf):
         # A fused optimizer under GradScaler.step is called even for inf/NaN gradients and skips the
         # update inside its kernel (GradScaler sets optimizer.found_inf for that step): no prox either.
         # (Reading it is one host synchronization per step, for fused optimizers under a scaler only.)
         return
     with torch.no_grad():
-        for p, rule, group, _ in plan:
-            if p.grad is None:  # torch.optim did not update it
+        for p, unit, entry, group in plan:
+            if p.grad is None or not entry.rule.proximal:  # torch.optim did not update it
                 continue
             step = _step_size(optimizer, group, p)
             if step is not None:
-                rule.prox_(_local(p), step)
+                local = _local(p)
+                entry.rule.prox_(local, step, **state_kw(entry, local))
 
 
 # -- checks ----------------------------------------------------------------------------------
-def _check(optimizer: Any, plan: List[Tuple[Tensor, Any, Dict[str, Any], str]]) -> None:
+def _check(optimizer: Any, plan: List[Tuple[Tensor, Any, Any, Dict[str, Any]]]) -> None:
+    plan = [(p, entry.rule, group, entry.name) for p, _, entry, group in plan if entry.rule.proximal]
+    if not plan:
+        return
     kind = type(optimizer)
     names = ", ".join(sorted({name for _, _, _, name in plan})[:5])
     if kind not in SUPPORTED:
