@@ -36,7 +36,7 @@ KERNELS = ("0.weight", "2.weight")  # what the default selection regularizes in 
 def build(device: str = "cpu") -> nn.Module:
     torch.manual_seed(7)
     with torch.device(device):
-        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))  # 3 rows: uneven shards
 
 
 def regularize(model: nn.Module, mode: str) -> None:
@@ -60,7 +60,7 @@ def make_optimizer(kind: str, params: Any) -> torch.optim.Optimizer:
 
 def batch(step: int, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(300 + step)
-    return torch.randn(WORLD * k * ROWS, 6, generator=g), torch.randn(WORLD * k * ROWS, 4, generator=g)
+    return torch.randn(WORLD * k * ROWS, 6, generator=g), torch.randn(WORLD * k * ROWS, 3, generator=g)
 
 
 def micro_batches(step: int, k: int, rank: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:

@@ -1,8 +1,12 @@
-"""DeepSpeed ZeRO-3 is refused: its parameters are empty outside forward (gathered into the module for
-the forward only), so a hook on them adds a term to nothing, and the gradients live in DeepSpeed's own
-partitioned buffers. DeepSpeed marks such parameters with ``ds_id`` / ``ds_status``; the tests set those
-attributes on a plain model (DeepSpeed's CPU backend compiles a C++ op when it initializes, so it does
-not run here)."""
+"""DeepSpeed ZeRO is refused where torchreg's term would be lost.
+
+ZeRO-3: its parameters are empty outside forward (gathered into the module for the forward only), and
+the gradients live in DeepSpeed's own partitioned buffers; DeepSpeed marks such parameters with
+``ds_id`` / ``ds_status``. ZeRO-2 (and ZeRO-1 with ``overlap_comm``): DeepSpeed registers a
+post-accumulate-grad hook of its own on each parameter that moves the gradient into its buffers and
+sets ``.grad`` to None, within the backward. The tests reproduce those marks on a plain model:
+DeepSpeed's CPU backend compiles a C++ communication op when it initializes, so it does not run here.
+"""
 
 from __future__ import annotations
 
@@ -34,4 +38,25 @@ def test_zero3_after_apply_is_refused_at_the_first_forward() -> None:
     model = torchreg.L2(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)), 0.1)
     zero3_like(model)
     with pytest.raises(RuntimeError, match=r"torchreg.*DeepSpeed ZeRO stage 3"):
+        model(torch.ones(2, 3))
+
+
+def _deepspeed_like_hook(param: torch.Tensor) -> None:  # what stage_1_and_2's grad_handling_hook does
+    param.grad = None
+
+
+_deepspeed_like_hook.__module__ = "deepspeed.runtime.zero.stage_1_and_2"
+
+
+def test_zero2_gradient_hooks_are_refused_at_apply_and_at_the_first_forward() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    handles = [p.register_post_accumulate_grad_hook(_deepspeed_like_hook) for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"torchreg.*DeepSpeed ZeRO.*stage 2.*FSDP2"):
+        torchreg.L2(model, 0.1)
+    for h in handles:
+        h.remove()
+    torchreg.L2(model, 0.1)  # then deepspeed.initialize(model=...) registers its hooks
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(_deepspeed_like_hook)
+    with pytest.raises(RuntimeError, match=r"torchreg.*DeepSpeed ZeRO.*stage 2"):
         model(torch.ones(2, 3))

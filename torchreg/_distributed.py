@@ -21,7 +21,9 @@
 * **Refused** (:func:`check_module` at apply, :func:`refusal` at the first forward): FSDP1
   (``FullyShardedDataParallel``) flattens the parameters into a ``FlatParameter``, so autograd never
   reaches the original ones; DeepSpeed ZeRO-3 partitions every parameter (``ds_id``, ``ds_status``) and
-  gathers it for the forward only, its gradients in DeepSpeed's own buffers.
+  gathers it for the forward only, its gradients in DeepSpeed's own buffers; DeepSpeed ZeRO-2 (and
+  ZeRO-1 with ``overlap_comm``) moves each gradient into its buffers from a post-accumulate-grad hook of
+  its own (``deepspeed.runtime.zero.stage_1_and_2``) and sets ``.grad`` to None within the backward.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from torch import Tensor, nn
 
 from . import _torch_private as private
 
-__all__ = ["DistributedSweep", "FSDP1", "ZERO3", "check_module", "deferred", "distributed", "elementwise_on_shards",
+__all__ = ["DistributedSweep", "FSDP1", "ZERO3", "ZERO_HOOKS", "check_module", "deferred", "distributed", "elementwise_on_shards",
            "hook_unsharded", "is_sharded", "local", "refusal", "refusal_at", "sharded_of"]
 
 FSDP1 = (
@@ -44,6 +46,13 @@ FSDP1 = (
     "reaches the original parameters and the regularization would be lost. Use FSDP2 instead "
     "(torch.distributed.fsdp.fully_shard; with Accelerate or the Hugging Face Trainer, fsdp_version=2), "
     "with which torchreg is exact."
+)
+ZERO_HOOKS = (
+    "torchreg cannot regularize parameters whose gradients DeepSpeed ZeRO reduces from its own "
+    "post-accumulate-grad hooks (stage 2; stage 1 with overlap_comm or contiguous_gradients): DeepSpeed "
+    "moves each gradient into its partitioned buffers and sets .grad to None during the backward, before "
+    "torchreg's end-of-backward step, so the regularization would be lost. Use FSDP2 (torch.distributed."
+    "fsdp.fully_shard) or DistributedDataParallel, or add the penalty (torchreg.penalty(model)) to the loss."
 )
 ZERO3 = (
     "torchreg cannot regularize parameters partitioned by DeepSpeed ZeRO stage 3: they are empty outside "
@@ -172,6 +181,9 @@ def refusal(p: Any) -> Optional[str]:
         return FSDP1
     if hasattr(p, "ds_id") and hasattr(p, "ds_status"):
         return ZERO3
+    if isinstance(p, Tensor) and any(getattr(hook, "__module__", "").startswith("deepspeed.")
+                                     for hook in private.post_accumulate_grad_hooks(p).values()):
+        return ZERO_HOOKS
     return None
 
 
