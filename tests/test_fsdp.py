@@ -29,7 +29,7 @@ from test_training_loops import WORLD, spawn_ranks
 
 STEPS = 2
 ROWS = 4  # rows per rank and micro-batch
-LAM = {"l2": 0.1, "l1": 0.05, "l1-prox": 0.05, "elastic": (0.05, 0.1)}
+LAM = {"l2": 0.1, "l1": 0.05, "l1-prox": 0.05, "elastic": (0.05, 0.1), "logcosh": 0.1}
 KERNELS = ("0.weight", "2.weight")  # what the default selection regularizes in build()
 
 
@@ -37,6 +37,26 @@ def build(device: str = "cpu") -> nn.Module:
     torch.manual_seed(7)
     with torch.device(device):
         return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))  # 3 rows: uneven shards
+
+
+class LogCosh(torchreg.Regularizer):
+    """A user's rule written for plain tensors: its ``grad_`` writes into a buffer of ``param.shape``
+    (a DTensor would mix with it). torchreg gives a sharded parameter's rule its local shard."""
+
+    _strengths = ("lam",)
+    lam = torchreg.regularizers.strength("lam")
+
+    def __init__(self, lam: float, *, params: Any = None) -> None:
+        self.lam = lam
+        self._init_selection(params)
+
+    def penalty(self, param: torch.Tensor) -> torch.Tensor:
+        return self.lam * torch.log(torch.cosh(param)).sum()
+
+    def grad_(self, grad: torch.Tensor, param: torch.Tensor, alpha: float = 1.0, scale: Any = None) -> None:
+        buf = torch.empty(param.shape, dtype=param.dtype)
+        torch.tanh(param, out=buf)
+        grad.add_(buf if scale is None else buf * scale, alpha=self.lam * alpha)
 
 
 def regularize(model: nn.Module, mode: str) -> None:
@@ -48,6 +68,8 @@ def regularize(model: nn.Module, mode: str) -> None:
         torchreg.L1(model, LAM[mode], proximal=True)
     elif mode == "elastic":
         torchreg.ElasticNet(model, *LAM[mode])
+    elif mode == "logcosh":
+        LogCosh(model, LAM[mode])
     else:  # pragma: no cover
         raise AssertionError(mode)
 
@@ -84,6 +106,8 @@ def explicit_penalty(model: nn.Module, mode: str) -> torch.Tensor:
             elif mode == "elastic":
                 l1, l2 = LAM["elastic"]
                 total = total + l1 * p.abs().sum() + l2 / 2 * (p * p).sum()
+            elif mode == "logcosh":
+                total = total + LAM["logcosh"] * torch.log(torch.cosh(p)).sum()
     return total
 
 
@@ -150,6 +174,8 @@ SCENARIOS = [
     Scenario("fsdp2-no-sync-k2", "shard-then-regularize", sync=(False, True)),
     Scenario("fsdp2-sync-pattern-k3", "shard-then-regularize", sync=(True, False, True)),
     Scenario("hsdp-no-sync-k2", "shard-then-regularize", sync=(False, True), mesh=(WORLD, 1)),
+    Scenario("fsdp2-user-rule-for-plain-tensors-no-sync-k2", "shard-then-regularize", sync=(False, True),
+             modes=("logcosh",)),
     Scenario("fsdp2-large-weights", "shard-then-regularize", modes=("l2", "l1", "elastic"), large=True),
     Scenario("fsdp2-regularize-then-shard", "regularize-then-shard"),
     Scenario("fsdp2-regularize-then-shard-no-sync-k2", "regularize-then-shard", sync=(False, True)),
