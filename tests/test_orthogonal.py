@@ -282,8 +282,8 @@ def test_rules_in_a_model_and_live_changes() -> None:
     (lambda: torchreg.Orthogonal(lam=0.1, mode=1), TypeError, "got 1 (int)"),
     (lambda: torchreg.Orthogonal(lam=-1.0), ValueError, "lam must be a finite real number >= 0"),
     (lambda: torchreg.Orthogonal(lam="0.1"), TypeError, "lam must be a real number"),
-    (lambda: torchreg.Orthogonal(nn.Linear(2, 2), 0.1, "columns"), TypeError, "keywords only"),
-    (lambda: torchreg.Orthogonal(0.1, "columns"), TypeError, "keywords only"),
+    (lambda: torchreg.Orthogonal(nn.Linear(2, 2), 0.1, "columns"), TypeError, "its other options as keywords; got the extra positional argument(s) 'columns'"),
+    (lambda: torchreg.Orthogonal(0.1, "columns"), TypeError, "its other options as keywords; got the extra positional argument(s) 'columns'"),
     (lambda: torchreg.Orthogonal(nn.Linear, 0.1), TypeError, "instantiate it"),
     (lambda: torchreg.Orthogonal(nn.Linear(2, 2), 0.1, mode="diag"), ValueError, "got 'diag'"),
 ])

@@ -95,3 +95,25 @@ def test_lightning_style_check_accepts_an_activity_only_model() -> None:
     assert next(_registry.units_in(m)).accumulation_steps == 2
     out = m(torch.ones(2, 3))
     out.sum().backward()
+
+
+@pytest.mark.parametrize("copy_of", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))], ids=["deepcopy", "pickle"])
+def test_a_copy_knows_what_covers_its_parts(copy_of) -> None:
+    """A copied model's parts are covered by the copy's units: the registry is filled for copies too."""
+    m = torchreg.apply_regularization(model(), {nn.ReLU: torchreg.ActivityL1(0.1), nn.Linear: torchreg.L2(0.1)})
+    c = copy_of(m)
+    assert [torchreg.is_regularized(part) for part in c] == [True, True, True]
+    with pytest.raises(ValueError, match="already regularized"):
+        torchreg.ActivityL2(c[1], 0.1)
+    with pytest.raises(ValueError, match="already regularized"):
+        torchreg.L1(c[2], 0.1)
+
+
+def test_a_parameter_replaced_by_loading_with_assign_is_covered() -> None:
+    m = torchreg.L2(model(), 0.1)
+    m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)
+    unit = m._torchreg_unit
+    assert torchreg._engine.owner_of(m[0].weight) is unit
+    assert torchreg.is_regularized(m[0])
+    with pytest.raises(ValueError, match="already regularized"):
+        torchreg.L1(m[0], 0.1)

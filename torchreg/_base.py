@@ -10,6 +10,8 @@ says how it attaches to the parameters it selected (:meth:`Rule._attach`); nothi
 
 from __future__ import annotations
 
+import inspect
+import numbers
 from typing import Any, Dict, List, Tuple, TypeVar
 
 from torch import Tensor, nn
@@ -38,6 +40,12 @@ class Rule:
         super().__init_subclass__(**kwargs)
         if "_base" not in cls.__dict__:  # a base class (Regularizer, Constraint) sets _base = True
             _registry.register_rule(cls)
+        # help(torchreg.L1) and inspect.signature show the wrapper form, L1(module, lam, *, ...); leaving
+        # the module out makes a rule (the class docstrings say so).
+        init = inspect.signature(cls.__init__)
+        plain = [p.replace(annotation=inspect.Parameter.empty) for p in list(init.parameters.values())[1:]]
+        module = inspect.Parameter("module", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        cls.__signature__ = init.replace(parameters=[module] + plain, return_annotation=inspect.Signature.empty)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         if "_base" in cls.__dict__:
@@ -45,7 +53,16 @@ class Rule:
                             f"{', '.join(_registry.rule_names(cls))}, or subclass it")
         module, args, kwargs = cls._split_module(args, kwargs)
         if module is NO_MODULE:
+            cls._check_call(args, kwargs)
             return super().__new__(cls)
+        if isinstance(module, Tensor):
+            raise TypeError(
+                f"torchreg.{cls.__name__} regularizes the parameters of a module: pass the module that owns this "
+                f"{type(module).__name__} of shape {tuple(module.shape)}, e.g. torchreg.{cls.__name__}(layer, ...), "
+                "and choose among its parameters with params= (e.g. params='weight' or params=['weight', 'bias'])"
+            )
+        if isinstance(module, numbers.Number) and not isinstance(module, bool):  # L1(1e-4, True): one too many
+            cls._check_call((module,) + args, kwargs)
         if module is None:
             raise TypeError(
                 f"torchreg.{cls.__name__} expects an nn.Module instance as its module, got None; leave the module "
@@ -74,6 +91,55 @@ class Rule:
                 )
             module, args = args[0], args[1:]
         return module, tuple(args), kwargs
+
+    @classmethod
+    def _check_call(cls, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        """Raise ``TypeError`` naming the class (not a private base's ``__init__``) and what it takes when
+        ``cls(*args, **kwargs)`` does not fit its constructor."""
+        init = inspect.signature(cls.__init__)
+        try:
+            init.bind(None, *args, **kwargs)
+            return
+        except TypeError as error:
+            problem = str(error)
+        names = list(init.parameters)[1:]
+        takes = str(cls.__signature__)
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            hint = cls._hint(unknown[0])
+            raise TypeError(
+                f"torchreg.{cls.__name__} got an unexpected keyword argument {unknown[0]!r}{hint}; it takes "
+                f"torchreg.{cls.__name__}{takes}"
+            )
+        if len(args) > len(cls._positional):
+            extra = ", ".join(map(repr, args[len(cls._positional):]))
+            raise TypeError(
+                f"torchreg.{cls.__name__} takes {' and '.join(cls._positional) or 'no option'} by position after "
+                f"the module, and its other options as keywords; got the extra positional argument(s) {extra}. It "
+                f"takes torchreg.{cls.__name__}{takes}"
+            )
+        raise TypeError(f"torchreg.{cls.__name__}: {problem}; it takes torchreg.{cls.__name__}{takes}")
+
+    @classmethod
+    def _hint(cls, keyword: str) -> str:
+        """A hint for an unknown keyword (a subclass may say more, e.g. ElasticNet for ``lam``)."""
+        if keyword == "proximal":
+            return f" ({cls.__name__} has no proximal mode)"
+        if keyword in ("lam", "l1", "l2", "alpha", "factor", "strength") and cls._positional:
+            return f" (the strengths of {cls.__name__} are {' and '.join(f'{s}=' for s in cls._positional)})"
+        return ""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Copies and pickles restore the attributes as they are (a rule may hold tensors), without
+        # calling the constructor (whose checks want its arguments).
+        return (_new_empty, (type(self),), dict(self.__dict__))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"a torchreg rule is not called on a module as a Keras regularizer is: apply it with "
+            f"{self!r}.apply(module), give the module first (torchreg.{type(self).__name__}(module, ...)), or "
+            "pass the rule to torchreg.apply_regularization(model, {...})"
+        )
 
     # -- use ------------------------------------------------------------------------------------
     def apply(self, module: M) -> M:
@@ -113,7 +179,26 @@ class Rule:
         return kwargs
 
     def __repr__(self) -> str:
+        """The constructor call that rebuilds this rule; a predicate ``params`` (no source to show) reads
+        ``params=<predicate NAME>``, which is plainly not code."""
         kwargs = self._kwargs()
         if "params" in kwargs:
-            kwargs["params"] = describe_selection(self.params)
+            kwargs["params"] = _SelectionRepr(self.params)
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+
+
+def _new_empty(cls: type) -> Any:
+    return object.__new__(cls)
+
+
+class _SelectionRepr:
+    """``params`` in a repr: one pattern as a string, several as a list, a predicate by its name."""
+
+    def __init__(self, params: Selection) -> None:
+        self.params = params
+
+    def __repr__(self) -> str:
+        params = self.params
+        if callable(params):
+            return f"<predicate {describe_selection(params)}>"
+        return repr(params[0]) if len(params) == 1 else repr(list(params))

@@ -332,15 +332,17 @@ def attach(root: nn.Module, entries: Iterable[Entry], skipped: Sequence[Skipped]
         raise ValueError(
             f"{type(root).__name__} is already regularized by torchreg "
             f"({_rules_text(existing)}); call torchreg.remove_regularization(module) first"
+            + "".join({_combine_hint(existing, e) for e in entries})
         )
     inner = {id(e.param): (u, e.name) for u in units_in(root) for e in u.entries}
     for e in entries:
         other = owner_of(e.param)
         if id(e.param) in inner or other is not None:
+            unit = other or inner[id(e.param)][0]
             raise ValueError(
-                f"parameter {e.name!r} is already regularized by torchreg "
-                f"({_rules_text(other or inner[id(e.param)][0])}); a parameter can be covered once: "
-                "remove that regularization first, or exclude the module with a None rule"
+                f"parameter {e.name!r} is already regularized by torchreg ({_rules_text(unit)}); a parameter can "
+                "be covered once: remove that regularization first, or exclude the module with a None rule"
+                + _combine_hint(unit, e)
             )
         if not is_lazy(e.param) and not (e.param.is_floating_point() or e.param.is_complex()):
             raise TypeError(f"parameter {e.name!r} has dtype {e.param.dtype}; only floating and complex "
@@ -350,6 +352,14 @@ def attach(root: nn.Module, entries: Iterable[Entry], skipped: Sequence[Skipped]
     entries = [e._replace(state=e.rule.init_state(e.name, e.param)) for e in entries]
     Unit(root, entries, skipped).install()
     return root
+
+
+def _combine_hint(unit: Unit, entry: Entry) -> str:
+    """L1 then L2 (or L2 then L1) on one parameter: that is ElasticNet."""
+    kinds = {type(e.rule).__name__ for e in unit.entries if e.param is entry.param} | {type(entry.rule).__name__}
+    if kinds == {"L1", "L2"}:
+        return ". For an L1 and an L2 penalty on the same parameters use one torchreg.ElasticNet(l1=..., l2=...)"
+    return ""
 
 
 def _rules_text(unit: Unit) -> str:

@@ -5,6 +5,11 @@
   install (``_tracking``) and a ``GradScaler`` that drives the step but was not declared.
 * :class:`AccumulationGuard` counts a unit's backward passes between optimizer steps and warns once
   when there are more than ``accumulation_steps`` declared (each added the full penalty gradient).
+* :func:`check_weight_decay`: at the first step of an optimizer over a unit's parameters, an L2
+  penalty toward zero on a parameter whose param group also has ``weight_decay > 0`` decays it twice.
+
+Each warning says what to do in the framework that runs the loop (:func:`advice`: Lightning, the
+Hugging Face Trainer, Accelerate, or plain PyTorch), found from the modules on the Python stack.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _torch_private as private
 
-__all__ = ["AccumulationGuard", "StepCounter", "check_scaler"]
+__all__ = ["AccumulationGuard", "StepCounter", "advice", "check_scaler", "check_weight_decay"]
 
 
 class StepCounter:
@@ -67,6 +72,7 @@ class StepCounter:
                 if any(id(e.param) in stepped for e in unit.entries):
                     del cls.scaler_unchecked[unit]
                     check_scaler(unit, scaler)
+                    check_weight_decay(unit, optimizer)
                 elif left <= 1:
                     del cls.scaler_unchecked[unit]
                 else:
@@ -91,11 +97,56 @@ def check_scaler(unit: Any, scaler: Any) -> None:
             f"torchreg: the regularized parameters of {type(unit.root).__name__} are stepped by a "
             "torch.amp.GradScaler (scaler.step(optimizer)) that was not declared to torchreg, so the "
             "regularization gradient was not scaled with the loss and scaler.unscale_ divides it by the "
-            "scale (the penalty is almost lost). Declare it once before training: "
-            "torchreg.configure(model, grad_scaler=scaler).",
+            "scale (the penalty is almost lost). " + advice("grad_scaler=scaler"),
             UserWarning,
             stacklevel=5,
         )
+
+
+def check_weight_decay(unit: Any, optimizer: Any) -> None:
+    """At the first optimizer step over the unit's parameters: an L2 penalty toward zero (``L2``, or
+    ``ElasticNet``'s ``l2``) on a parameter that the optimizer also decays (``weight_decay > 0`` in its
+    param group) shrinks it twice, silently."""
+    covered = {id(e.param): e for e in unit.entries if e.rule._decays_to_zero() > 0}
+    twice = [(covered[id(p)].name, group["weight_decay"]) for group in optimizer.param_groups
+             if group.get("weight_decay", 0) for p in group["params"] if id(p) in covered]
+    if twice:
+        names = ", ".join(name for name, _ in twice[:5]) + (", ..." if len(twice) > 5 else "")
+        warnings.warn(
+            f"torchreg: {len(twice)} parameter(s) of {type(unit.root).__name__} ({names}) have an L2 penalty from "
+            f"torchreg and weight_decay={twice[0][1]!r} in {type(optimizer).__name__}'s param group: they are "
+            "decayed twice. Keep one: weight_decay=0 for them (torchreg.param_groups(model, 0.0) builds the "
+            "groups), or no torchreg L2 rule. With the Hugging Face Trainer, TrainingArguments(weight_decay=...) "
+            "is that optimizer weight decay (set it to 0.0 with torchreg.hf.attach L2 rules).",
+            UserWarning,
+            stacklevel=5,
+        )
+
+
+#: (module name prefix on the stack, what to do there), first match wins; %s is the setting to declare.
+_FRAMEWORKS = (
+    (("lightning.pytorch", "pytorch_lightning"),
+     "In Lightning, add torchreg.lightning.Regularization() to Trainer(callbacks=[...]): it declares the "
+     "Trainer's accumulate_grad_batches and its 16-mixed GradScaler before every backward (with manual "
+     "optimization, call torchreg.configure(self, %s) in the LightningModule)."),
+    (("transformers.trainer",),
+     "With the Hugging Face Trainer, call torchreg.hf.attach(trainer) (with your rules, or after "
+     "regularizing the model) before trainer.train(): it declares the Trainer's gradient accumulation "
+     "steps and its GradScaler."),
+    (("accelerate.",),
+     "With Accelerate, call torchreg.configure(model, %s) once before training, with "
+     "accumulation_steps=accelerator.gradient_accumulation_steps and grad_scaler=accelerator.scaler."),
+)
+
+
+def advice(setting: str) -> str:
+    """What to do about an undeclared ``setting`` in the framework running this training loop."""
+    for frame in private.frames_from(private.frame(1)):
+        name = frame.f_globals.get("__name__", "")
+        for prefixes, text in _FRAMEWORKS:
+            if name.startswith(prefixes):
+                return text.replace("%s", setting)
+    return f"Declare it once before training: torchreg.configure(model, {setting})."
 
 
 class AccumulationGuard:
@@ -130,8 +181,7 @@ class AccumulationGuard:
                 f"torchreg: {self.backwards} backward passes reached the regularized parameters of "
                 f"{type(unit.root).__name__} between two optimizer steps (or without the gradients being "
                 f"reset), but accumulation_steps={unit.accumulation_steps} is declared, so each added the "
-                "full penalty gradient. For gradient accumulation over k micro-batches call "
-                "torchreg.configure(model, accumulation_steps=k) once before training.",
+                "full penalty gradient. " + advice("accumulation_steps=k"),
                 UserWarning,
                 stacklevel=2,
             )

@@ -69,9 +69,18 @@ def check_strength(value: Any, name: str) -> float:
             if value.numel() != 1 or value.is_complex():
                 raise TypeError(f"{name} must be a real number >= 0 or a one-element real tensor, got "
                                 f"{value!r}")
+            low = value.dtype == torch.float32
             value = value.item()  # a 0-dim / one-element tensor is accepted as its value
+            if low:
+                value = _shortest(value, torch.tensor(value).to(torch.float32).item())
         else:
             raise TypeError(f"{name} must be a real number >= 0, got {describe(value)}")
+    if isinstance(value, numbers.Real) and not isinstance(value, (float, int)) and getattr(value, "dtype", None) is not None:
+        try:  # a numpy float32 scalar: its shortest decimal, not its float64 expansion
+            if value.dtype.itemsize == 4:
+                value = _shortest(float(value), float(value))
+        except (AttributeError, TypeError, ValueError, OverflowError):
+            pass
     try:
         number = float(value)
     except OverflowError:
@@ -80,6 +89,19 @@ def check_strength(value: Any, name: str) -> float:
     if math.isnan(number) or math.isinf(number) or number < 0:
         raise ValueError(f"{name} must be a finite real number >= 0, got {number!r}")
     return number
+
+
+def _shortest(value: float, as_float32: float) -> float:
+    """The shortest decimal that is the same float32 as ``value`` (a strength given as a float32 tensor or
+    numpy scalar: ``1e-3`` rather than ``0.0010000000474974513``, the float64 expansion of its float32
+    value); ``value`` itself if it is not a float32 value."""
+    if value != as_float32 or math.isinf(value) or math.isnan(value):
+        return value
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if torch.tensor(candidate, dtype=torch.float32).item() == value:
+            return candidate
+    return value
 
 
 def largest(dtype: torch.dtype) -> float:

@@ -130,6 +130,11 @@ class Regularizer(Rule):
         """
         return None
 
+    def _decays_to_zero(self) -> float:
+        """The strength of an L2 penalty toward zero in this rule (0: none); an optimizer's own
+        ``weight_decay`` on the same parameter would decay it twice (a warning at the first step)."""
+        return 0.0
+
     @property
     def is_zero(self) -> bool:
         """True when every strength is 0: the gradient is left exactly as it is."""
@@ -404,6 +409,9 @@ class L2(_OneStrength):
     def penalty(self, param: Tensor) -> Tensor:
         return self.lam / 2 * sum_of_squares(param)
 
+    def _decays_to_zero(self) -> float:
+        return self.lam if getattr(self, "center", None) is None else 0.0
+
     def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
         if self.lam:
             add_scaled_(grad, param, self.lam * alpha, scale)
@@ -474,6 +482,9 @@ class ElasticNet(Regularizer):
 
     def penalty(self, param: Tensor) -> Tensor:
         return self.l1 * param.abs().sum() + self.l2 / 2 * sum_of_squares(param)
+
+    def _decays_to_zero(self) -> float:
+        return self.l2 if getattr(self, "center", None) is None else 0.0
 
     def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
         add_elastic_(grad, param, self.l1 * alpha, self.l2 * alpha, scale)
@@ -691,13 +702,6 @@ class Orthogonal(_OneStrength):
     @overload
     def __new__(cls, lam: float, *, mode: str = "rows", params: Selection = None) -> "Orthogonal": ...
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        leading = "module" not in kwargs and args and isinstance(args[0], (nn.Module, type))
-        strengths = args[1:] if leading else args
-        if len(strengths) > 1:  # else the base class would take lam for the module
-            raise TypeError(
-                f"Orthogonal takes mode and params as keywords only, e.g. Orthogonal(module, lam, "
-                f"mode='columns'); got the extra positional argument(s) {', '.join(map(repr, strengths[1:]))}"
-            )
         return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, lam: float, *, mode: str = "rows", params: Selection = None) -> None:

@@ -169,6 +169,8 @@ def summary(module: nn.Module) -> Summary:
         order = {name: i for i, (name, _) in enumerate(unit.root.named_modules())}
         records.extend(sorted(rows.values(), key=lambda r: order.get(r.pop("_path"), -1)))
     records.extend(_activity_engine.summary_records(module))  # activity rows, penalty None
+    position = {name: i for i, name in enumerate(prefixes.values())}
+    records.sort(key=lambda r: position.get(r["module"], len(position)))  # module order, whatever the kind
     return Summary(records, _uncovered(module))
 
 

@@ -13,7 +13,14 @@ from ._validate import check_module, check_positive_int
 __all__ = ["configure"]
 
 M = TypeVar("M", bound=nn.Module)
-_KEEP: Any = object()
+class _Unchanged:
+    """The default of :func:`configure`'s settings: keep the current value."""
+
+    def __repr__(self) -> str:
+        return "unchanged"
+
+
+_KEEP: Any = _Unchanged()
 
 
 def configure(model: M, *, accumulation_steps: int = _KEEP, grad_scaler: Any = _KEEP) -> M:
