@@ -57,7 +57,7 @@ def main() -> None:  # pragma: no cover - runs in the launched processes
             return loss
 
         def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+            return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.0)
 
     def fit(module, callbacks):
         g = torch.Generator().manual_seed(1)
