@@ -11,7 +11,7 @@
   Accelerate's preparation, an assignment) are found before the first backward, at the first forward
   of a module holding them (:class:`_FirstForward`, a global forward hook that exists only until every
   unit has run a backward or seen an optimizer step): exact from the first backward, in either order
-  of torchreg and sharding. There, too, FSDP1 and DeepSpeed ZeRO-3 wrapping applied after torchreg is
+  of torchreg and sharding. There, too, FSDP1 and DeepSpeed ZeRO wrapping applied after torchreg is
   refused (``_distributed.refusal``), and FSDP2's unsharded parameters get their hooks
   (``_distributed.hook_unsharded``).
 * What the first forward could not see (a replacement after the first backward; inside
@@ -255,9 +255,9 @@ class ParamTracker:
         self.register_ready(unit)
 
     def check(self, unit: Any) -> None:
-        """At the first optimizer step after install: parameters replaced by new objects since (outside
-        ``load_state_dict``: ``model.to_empty()`` from the meta device, FSDP2's ``fully_shard``, an
-        assignment) got no term so far. Warn, and follow them from now on. Parameters that are no
+        """At the first optimizer step after install: parameters replaced by new objects that the first
+        forward did not see (replaced after the first backward, or the forward ran inside
+        ``torch.compile``) got no term so far. Warn, and follow them from now on. Parameters that are no
         longer parameters at all (a reparametrization took them out) are warned about too."""
         self.opened(unit)
         self.register_ready(unit)  # (an unpickled unit: its forward hook, if a parameter has no hook)
