@@ -153,14 +153,16 @@ def _reach_hook(unit: Any) -> Callable[[Tensor], None]:
     return reach
 
 
-def hook_unsharded(unit: Any, indices: Sequence[int], handles: Dict[int, Tuple[Any, Any]]) -> None:
+def hook_unsharded(unit: Any, indices: Sequence[int], handles: Dict[int, Tuple[Any, Any]]) -> int:
     """Register :func:`_reach_hook` on the unsharded parameter FSDP2 keeps for each sharded parameter of
     ``unit.entries[i]``, ``i`` in ``indices`` (it exists from the module's first forward on);
-    ``handles``: entry -> (weakref to the unsharded parameter, handle), kept by the tracker."""
+    ``handles``: entry -> (weakref to the unsharded parameter, handle), kept by the tracker. Returns how
+    many were registered."""
     wanted = {id(unit.entries[i].param): i for i in indices
               if is_sharded(unit.entries[i].param) and unit._takes_hook(unit.entries[i])}
+    added = 0
     if not wanted:
-        return
+        return added
     for fsdp_param in private.fsdp2_params():
         i = wanted.get(id(private.fsdp2_sharded(fsdp_param)))
         unsharded = None if i is None else private.fsdp2_unsharded(fsdp_param)
@@ -172,6 +174,8 @@ def hook_unsharded(unit: Any, indices: Sequence[int], handles: Dict[int, Tuple[A
                 continue
             old[1].remove()
         handles[i] = (weakref.ref(unsharded), unsharded.register_post_accumulate_grad_hook(_reach_hook(unit)))
+        added += 1
+    return added
 
 
 # -- refused --------------------------------------------------------------------------------------

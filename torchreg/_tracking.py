@@ -276,7 +276,21 @@ class ParamTracker:
                 stacklevel=5,  # the user's optimizer.step() call
             )
             self.rebind(unit, replaced)
-        _distributed.hook_unsharded(unit, range(len(unit.entries)), self.reach)  # (torch.compile)
+        # Inside torch.compile no forward was checked: FSDP2's unsharded parameters are hooked only now,
+        # so a backward without gradient sync before this step opened no session and added nothing.
+        late = _distributed.hook_unsharded(unit, range(len(unit.entries)), self.reach)
+        if late and not replaced and unit.guard.backwards < unit.accumulation_steps:
+            warnings.warn(
+                f"torchreg: {unit.guard.backwards} of the accumulation_steps={unit.accumulation_steps} backward "
+                f"passes before this first optimizer step reached the regularized parameters of "
+                f"{type(unit.root).__name__}: the forward ran inside torch.compile, where torchreg cannot hook "
+                "FSDP2's unsharded parameters, so the micro-batches without gradient sync "
+                "(set_requires_gradient_sync(False)) added no regularization. torchreg is exact from the next "
+                "step on; to be exact from the first, run the first forward outside torch.compile or sync "
+                "gradients on every micro-batch of the first step.",
+                UserWarning,
+                stacklevel=5,  # the user's optimizer.step() call
+            )
 
     def _check_gone(self, unit: Any) -> None:
         """Entries whose name no longer holds a parameter: the same object under another name (a
