@@ -161,6 +161,7 @@ class Scenario:
     optimizers: Sequence[str] = ("sgd", "adamw")
     refused: str = ""  # the scenario must raise a torchreg error containing this text
     mesh: Tuple[int, ...] = (WORLD,)  # (WORLD,): FSDP; (WORLD, 1): HSDP, replicate across the ranks
+    all_reduce: Sequence[bool] = ()  # HSDP, per micro-batch: set_requires_all_reduce (reduce-scatter only)
     large: bool = False  # run the elementwise kernels' path for tensors above 32 MiB (thresholds lowered)
     optim_in_backward: str = ""  # "user-first" / "torchreg-first": per-parameter optimizers in hooks
 
@@ -175,6 +176,8 @@ SCENARIOS = [
     Scenario("fsdp2-no-sync-k2", "shard-then-regularize", sync=(False, True)),
     Scenario("fsdp2-sync-pattern-k3", "shard-then-regularize", sync=(True, False, True)),
     Scenario("hsdp-no-sync-k2", "shard-then-regularize", sync=(False, True), mesh=(WORLD, 1)),
+    Scenario("hsdp-no-all-reduce-k2", "shard-then-regularize", sync=(True, True), all_reduce=(False, True),
+             mesh=(WORLD, 1)),
     Scenario("fsdp2-user-rule-for-plain-tensors-no-sync-k2", "shard-then-regularize", sync=(False, True),
              modes=("logcosh",)),
     Scenario("fsdp2-large-weights", "shard-then-regularize", modes=("l2", "l1", "elastic"), large=True),
@@ -326,6 +329,8 @@ def run_sub_case(sc: Scenario, mode: str, kind: str, rank: int) -> Dict[str, Any
                 for i, (x, y) in enumerate(micro_batches(step, sc.k, rank)):
                     if hasattr(wrapped, "set_requires_gradient_sync"):
                         wrapped.set_requires_gradient_sync(sc.sync[i])
+                    if sc.all_reduce:
+                        wrapped.set_requires_all_reduce(sc.all_reduce[i])
                     (loss_of(wrapped, x, y) / sc.k).backward()
                 record["phase"] = "step"
                 if sc.optim_in_backward:
