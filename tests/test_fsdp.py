@@ -495,6 +495,7 @@ def test_matches_one_process_and_ranks_agree(sc: Scenario, mode: str, kind: str,
             error = record["error"]
             assert error is not None, f"not refused; warnings: {record['warnings']}"
             assert "torchreg" in error and sc.refused in error and "fully_shard" in error, error
+            assert "FSDP1" in error and "fsdp_version=2" in error, error  # names it and Accelerate's switch
             # refused at apply or before the first backward ended: no step ran
             assert record["phase"] in ("apply", "backward") and not record["params"], record["phase"]
         return
