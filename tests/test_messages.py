@@ -25,7 +25,7 @@ def layer() -> nn.Linear:
 MESSAGES = [
     pytest.param(lambda m: torchreg.L1(m, 1e-4, True), TypeError,
                  "torchreg.L1 takes lam by position after the module, and its other options as keywords; got the "
-                 "extra positional argument(s) True. It takes torchreg.L1(module, lam, *, proximal=False, params=None)",
+                 "extra positional argument(s) True. It takes torchreg.L1(module, lam, *, center=None, proximal=False, params=None)",
                  id="proximal-by-position"),
     pytest.param(lambda m: torchreg.L1(1e-4, True), TypeError, "got the extra positional argument(s) True",
                  id="rule-proximal-by-position"),
@@ -64,9 +64,9 @@ def test_message(call: Callable[[nn.Module], Any], error: type, text: str) -> No
 
 
 @pytest.mark.parametrize("cls, text", [
-    (torchreg.L1, "(module, lam, *, proximal=False, params=None)"),
-    (torchreg.L2, "(module, lam, *, params=None)"),
-    (torchreg.ElasticNet, "(module, l1, l2, *, proximal=False, params=None)"),
+    (torchreg.L1, "(module, lam, *, center=None, proximal=False, params=None)"),
+    (torchreg.L2, "(module, lam, *, center=None, importance=None, params=None)"),
+    (torchreg.ElasticNet, "(module, l1, l2, *, center=None, proximal=False, params=None)"),
     (torchreg.GroupLasso, "(module, lam, *, dim=0, proximal=False, params=None)"),
     (torchreg.Orthogonal, "(module, lam, *, mode='rows', params=None)"),
     (torchreg.ActivityL1, "(module, lam)"),

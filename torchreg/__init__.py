@@ -14,7 +14,9 @@ selection, and :func:`is_regularized`. Integrations: ``torchreg.lightning``, ``t
 
 from .activity import ActivityL1, ActivityL2
 from .config import rules_from_config, rules_to_config
+from .constraints import Constraint, MaxNorm, MinMaxNorm, NonNeg, UnitNorm
 from ._registry import is_regularized
+from .fisher import fisher_diagonal
 from .groups import param_groups
 from .regularizers import ElasticNet, GroupLasso, L1, L2, Orthogonal, Regularizer
 from .report import Sparsity, Summary, penalty, sparsity, summary
@@ -26,17 +28,23 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivityL1",
     "ActivityL2",
+    "Constraint",
     "ElasticNet",
     "GroupLasso",
     "L1",
     "L2",
+    "MaxNorm",
+    "MinMaxNorm",
+    "NonNeg",
     "Orthogonal",
     "Regularizer",
     "Sparsity",
     "Summary",
+    "UnitNorm",
     "__version__",
     "apply_regularization",
     "configure",
+    "fisher_diagonal",
     "is_regularized",
     "param_groups",
     "penalty",

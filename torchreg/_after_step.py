@@ -1,4 +1,5 @@
-"""What happens after ``optimizer.step()``: proximal operators, with a step per optimizer.
+"""What happens after ``optimizer.step()``: proximal operators, with a step per optimizer, then the
+projections of weight constraints.
 
 A regularizer built with ``proximal=True`` (``L1``, ``ElasticNet``, ``GroupLasso``) adds nothing at
 backward (the engine registers no hook for it). Instead, after every step of a ``torch.optim``
@@ -64,6 +65,18 @@ parameters and optimizer state, so every rank computes the same result bit for b
 Cost per step: one pass over each proximal weight for L1 and ElasticNet under SGD (an in-place
 ``softshrink``, no temporary), and a few parameter-sized temporaries, one tensor at a time, under
 Adam (its threshold is per coordinate); nothing the size of the model.
+
+**Weight constraints** (``torchreg.MaxNorm``, ``MinMaxNorm``, ``UnitNorm``, ``NonNeg``; kept by a
+constraint unit, ``_constraint_unit``) take part through the same two hooks. A projection needs no
+step size, so it follows **every** ``torch.optim.Optimizer`` (SGD, Adam, AdamW, RMSprop, Adagrad,
+LBFGS, a user's subclass: each calls the global step hooks), with the same consequences as above:
+once per step, none on a skipped step, only the parameters the optimizer holds and updated. When a
+parameter carries a proximal regularizer and a constraint, the prox runs first and the projection
+second, so that the weights after every step satisfy the constraint. Under FSDP2 a constraint
+projects each rank's local shard when every group lies within a shard (``dim=0`` under the default
+``Shard(0)``; ``NonNeg`` always): no communication. When a group spans shards (``dim=1`` on a
+``Shard(0)`` weight) it projects the DTensor itself, whose norms DTensor reduces across the ranks (one
+all-reduce of the group norms per parameter and step): exact either way.
 """
 
 from __future__ import annotations
@@ -114,6 +127,9 @@ def _before_step(optimizer: Any, args: Any, kwargs: Any) -> None:
         return
     wanted: Dict[int, List[Tuple[Any, Any]]] = {}
     for unit in list(_live):
+        before = getattr(unit, "before_step", None)  # a constraint unit's first-step checks
+        if before is not None:
+            before()
         for entry in unit.entries:
             if entry.rule.acts_after_step:
                 wanted.setdefault(id(entry.param), []).append((unit, entry))
@@ -147,6 +163,11 @@ def _after_step(optimizer: Any, args: Any, kwargs: Any) -> None:
             if step is not None:
                 local = _local(p)
                 entry.rule.prox_(local, step, **state_kw(entry, local))
+        for p, unit, entry, group in plan:  # then the constraints' projections, after any prox
+            if p.grad is not None and not entry.rule.proximal:
+                # A group that spans shards is projected on the DTensor itself: its norms are reduced
+                # across the ranks (a collective; every rank steps the same parameters). Else locally.
+                entry.rule.project_(p if _spans_shards(p, entry.rule) else _local(p))
 
 
 # -- checks ----------------------------------------------------------------------------------
@@ -185,6 +206,15 @@ def _check(optimizer: Any, plan: List[Tuple[Tensor, Any, Any, Dict[str, Any]]]) 
                     f"which its penalty couples elements (a group spans shards), so its proximal operator "
                     f"cannot run on the local shards. Shard along the group dimension (GroupLasso dim) "
                     f"instead, or use proximal=False.")
+
+
+def _spans_shards(p: Tensor, rule: Any) -> bool:
+    """Whether ``p`` is a DTensor sharded along a dimension that ``rule`` couples (a group spans shards)."""
+    placements = getattr(p, "placements", None)
+    if placements is None:
+        return False
+    coupled = {d % p.ndim for d in rule._coupled_dims(p)}
+    return any(pl.is_shard() and pl.dim % p.ndim in coupled for pl in placements if hasattr(pl, "dim"))
 
 
 # -- steps ---------------------------------------------------------------------------------------

@@ -18,11 +18,14 @@ The schema is a list of rules, in order (the first matching rule wins, as in the
   module names. A type name is a class of ``torch.nn`` (``"Linear"``, ``"Module"``) or a class passed
   in ``types=``; nothing is ever imported from a dotted path.
 * ``regularizer`` is ``null`` (exclude the module and its submodules) or a mapping with ``type``, the
-  name of a torchreg regularizer (``"L1"``, ``"L2"``, ``"ElasticNet"``, ``"GroupLasso"``,
-  ``"Orthogonal"``, ``"ActivityL1"``, ``"ActivityL2"``), and that class's constructor arguments by
+  name of a torchreg rule (``"L1"``, ``"L2"``, ``"ElasticNet"``, ``"GroupLasso"``,
+  ``"Orthogonal"``, ``"ActivityL1"``, ``"ActivityL2"``, and the constraints ``"MaxNorm"``,
+  ``"MinMaxNorm"``, ``"UnitNorm"``, ``"NonNeg"``), and that class's constructor arguments by
   name: its strengths (``lam``; ``l1`` and ``l2``) and options (``params``: a glob pattern or a list
-  of them; ``proximal`` for ``L1``, ``ElasticNet`` and ``GroupLasso``; ``dim`` for ``GroupLasso``;
-  ``mode`` for ``Orthogonal``).
+  of them; ``proximal`` for ``L1``, ``ElasticNet`` and ``GroupLasso``; ``dim`` for ``GroupLasso`` and
+  the norm constraints; ``mode`` for ``Orthogonal``; ``max_value``, ``min_value``, ``rate`` for the
+  norm constraints); or a list of such mappings, one of each kind (penalty, activity, constraint),
+  the Python form's tuple: ``[{"type": "L2", "lam": 0.0001}, {"type": "MaxNorm", "max_value": 3.0}]``.
 
 Every unknown key, unknown name or bad value raises ``TypeError`` (wrong type) or ``ValueError`` (bad
 value) with its path in the data first: ``rules[2].regularizer.lam: ...``. Nothing is evaluated,
@@ -41,7 +44,8 @@ from torch import nn
 
 from . import activity as _activity, regularizers as _regularizers  # noqa: F401 (they register their classes)
 from ._registry import RULES as _REGULARIZERS  # (see below)
-from .walker import RuleKey, RuleValue, _compile_value, _key_label
+from . import constraints as _constraints  # noqa: F401 (it registers its classes)
+from .walker import RuleKey, RuleValue, _compile_value, _key_label, rule_kind
 
 __all__ = ["rules_from_config", "rules_to_config"]
 
@@ -187,9 +191,28 @@ def _signature(cls: type) -> Tuple[List[str], List[str]]:
 def _regularizer_from(data: Any, path: str) -> RuleValue:
     if data is None:
         return None
+    if isinstance(data, (list, tuple)):  # one rule of each kind: the Python form's tuple
+        if not data:
+            raise ValueError(f"{path}: an empty list of rules; give at least one, or null to exclude the module")
+        rules: List[Any] = []
+        for i, item in enumerate(data):
+            if item is None:
+                raise TypeError(f"{path}[{i}]: null inside a list of rules; null excludes a module on its own "
+                                "(the rule's whole value)")
+            rule = _one_rule(item, f"{path}[{i}]")
+            clash = next((j for j, r in enumerate(rules) if rule_kind(r) == rule_kind(rule)), None)
+            if clash is not None:
+                raise ValueError(f"{path}[{i}]: a second {rule_kind(rule)} rule (after {path}[{clash}]); a list "
+                                 "holds one rule of each kind (penalty, activity, constraint)")
+            rules.append(rule)
+        return tuple(rules)
+    return _one_rule(data, path)
+
+
+def _one_rule(data: Any, path: str) -> Any:
     if not isinstance(data, Mapping):
-        raise TypeError(f"{path}: expected a mapping such as {{'type': 'L1', 'lam': 0.0001}}, or null to "
-                        f"exclude the module, got {data!r} ({type(data).__name__})")
+        raise TypeError(f"{path}: expected a mapping such as {{'type': 'L1', 'lam': 0.0001}}, a list of them "
+                        f"(one of each kind), or null to exclude the module, got {data!r} ({type(data).__name__})")
     if "type" not in data:
         raise ValueError(f"{path}: missing key 'type' (the regularizer's name: "
                          f"{', '.join(map(repr, sorted(_REGULARIZERS)))})")
@@ -345,13 +368,20 @@ def _match_to(key: Any, path: str, by_class: Dict[type, str]) -> Dict[str, Any]:
     return {"type": name_of(key, f"{path}.type")}
 
 
-def _regularizer_to(value: Any, path: str, label: str) -> Optional[Dict[str, Any]]:
+def _regularizer_to(value: Any, path: str, label: str) -> Union[None, Dict[str, Any], List[Dict[str, Any]]]:
     if value is None:
         return None
     try:
-        rule = _compile_value(value, label)  # the values apply_regularization accepts, partials built
+        rules = _compile_value(value, label)  # the values apply_regularization accepts, partials built
     except (TypeError, ValueError) as error:
         raise type(error)(f"{path}: {error}") from None
+    assert rules is not None
+    if isinstance(value, (tuple, list)):
+        return [_rule_to(rule, f"{path}[{i}]", label) for i, rule in enumerate(rules)]
+    return _rule_to(rules[0], path, label)
+
+
+def _rule_to(rule: Any, path: str, label: str) -> Dict[str, Any]:
     cls = type(rule)
     name = cls.__name__
     if _REGULARIZERS.get(name) is not cls:
@@ -363,6 +393,11 @@ def _regularizer_to(value: Any, path: str, label: str) -> Optional[Dict[str, Any
             raise ValueError(f"{path}.params: rule {label} selects parameters with a predicate "
                              f"({getattr(option, '__name__', repr(option))}), which cannot be written as data; "
                              "use a glob pattern or a list of them")
+        if key in ("center", "importance") and not (isinstance(option, str) and option == "init"):
+            raise ValueError(
+                f"{path}.{key}: rule {label} has {key}={option!r}: tensors, which cannot be written as data. A "
+                f"config carries center='init' only; leave this rule out of the config and apply it in code "
+                f"with {key}=... (e.g. the pretrained model or its state_dict())")
         if isinstance(option, tuple):
             option = list(option)
         _check_plain(option, f"{path}.{key}")

@@ -21,12 +21,13 @@ rule for :func:`torchreg.apply_regularization` that can also be applied later wi
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Type, TypeVar, overload
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Type, TypeVar, Union, overload
 
 import torch
 from torch import Tensor, nn
 
 from . import _engine
+from ._anchor import Anchored, add_l1_, add_l2_, l1_penalty, l2_penalty, shifted_
 from ._base import Rule
 from ._ops import _FLOAT16_MAX
 from ._ops import (
@@ -38,6 +39,10 @@ from ._validate import check_strength, largest
 __all__ = ["Regularizer", "L1", "L2", "ElasticNet", "GroupLasso", "Orthogonal", "strength"]
 
 M = TypeVar("M", bound=nn.Module)
+#: ``center=``: None (toward 0), "init" (the value when applied), {name: tensor} or a module.
+Center = Union[None, str, Mapping[str, Tensor], nn.Module]
+#: ``importance=``: None or {name: tensor >= 0} (e.g. :func:`torchreg.fisher_diagonal`).
+Importance = Optional[Mapping[str, Tensor]]
 R = TypeVar("R", bound="Regularizer")
 
 
@@ -285,10 +290,13 @@ def _soft_threshold_(p: Tensor, step: Any, lam: float) -> None:
     torch.copysign(shrunk.clamp_(min=0), p, out=p)
 
 
-class L1(_OneStrength):
+class L1(Anchored, _OneStrength):
     """L1 (lasso) regularization: adds ``lam * sign(w)`` to each selected weight's gradient.
 
-    The penalty is ``lam * sum(|w|)``; ``sign(0) = 0``, as autograd's gradient of ``abs``.
+    The penalty is ``lam * sum(|w|)``; ``sign(0) = 0``, as autograd's gradient of ``abs``. With a
+    center ``c`` (``center=``) it is ``lam * sum(|w - c|)``, the gradient ``lam * sign(w - c)``, and the
+    proximal operator ``c + soft(w - c, t * lam)``: the weights it thresholds land exactly on their
+    center (sparse fine-tuning deltas).
 
     Args:
         module: the layer (or whole model) to regularize. Omit it to get a rule for
@@ -296,6 +304,15 @@ class L1(_OneStrength):
         lam: strength, a finite number >= 0, at most the largest value of the regularized
             parameters' dtype (65504 for float16). May be changed later (``rule.lam = ...``): the new
             value applies from the next backward.
+        center: keyword only; the anchor the penalty pulls toward. ``None`` (default): 0.
+            ``"init"``: each weight's value when the rule is applied. A mapping from parameter names
+            (as ``named_parameters()`` of the module the rule is applied to) to tensors of the same
+            shapes, e.g. a pretrained model's ``state_dict()``; or an ``nn.Module`` with those
+            parameter names (the pretrained model). The anchors are copied once per parameter when
+            the rule is applied (then the rule keeps no reference to the mapping or module; a rule
+            with one is applied once), follow the parameter's device and dtype, and are not in
+            ``state_dict()``: to resume from a checkpoint, apply the rule again with the same
+            ``center=``.
         proximal: keyword only. ``False`` (default): add ``lam * sign(w)`` at backward. ``True``: add
             nothing at backward; after every step of a ``torch.optim`` SGD, Adam or AdamW optimizer
             holding the weight, soft-threshold it, ``w <- sign(w) * max(|w| - t * lam, 0)``, with the
@@ -317,7 +334,9 @@ class L1(_OneStrength):
         TypeError: ``module`` is not a module instance (a class: instantiate it; ``None``; a
             TorchScript module: regularize before scripting), or ``lam`` is no number.
         ValueError: ``lam`` is negative, NaN, infinite or beyond the parameters' dtype; the selection
-            matches no parameter; or a parameter is regularized already. Nothing is changed then.
+            matches no parameter; a parameter is regularized already; ``center`` is a string other
+            than ``"init"``, has no tensor for a selected parameter, or one of another shape. Nothing
+            is changed then.
 
     Example::
 
@@ -345,46 +364,81 @@ class L1(_OneStrength):
         >>> layer.weight
         Parameter containing:
         tensor([[ 0.0000, -1.5000]], requires_grad=True)
+
+    Toward an anchor (here the weights' values when the rule is applied)::
+
+        >>> layer = torchreg.L1(torch.nn.Linear(2, 1, bias=False), lam=1.0, center="init", proximal=True)
+        >>> anchor = layer.weight.detach().clone()
+        >>> opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+        >>> layer(torch.ones(1, 2)).sum().backward()      # data gradient 1: a step of -0.5
+        >>> opt.step()                                    # then soft(w - c, 0.5): back to c
+        >>> torch.equal(layer.weight, anchor)
+        True
+        >>> torchreg.L1(1e-4, center="init", proximal=True)
+        L1(lam=0.0001, center='init', proximal=True)
     """
 
     @overload
-    def __new__(cls, module: M, lam: float, *, proximal: bool = False, params: Selection = None) -> M: ...
+    def __new__(cls, module: M, lam: float, *, center: Center = None, proximal: bool = False,
+                params: Selection = None) -> M: ...
     @overload
-    def __new__(cls, lam: float, *, proximal: bool = False, params: Selection = None) -> "L1": ...
+    def __new__(cls, lam: float, *, center: Center = None, proximal: bool = False,
+                params: Selection = None) -> "L1": ...
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         return super().__new__(cls, *args, **kwargs)
 
-    def __init__(self, lam: float, *, proximal: bool = False, params: Selection = None) -> None:
+    def __init__(self, lam: float, *, center: Center = None, proximal: bool = False,
+                 params: Selection = None) -> None:
         super().__init__(lam, params=params)
         self._init_proximal(proximal)
+        self._init_anchor(center)
 
-    def penalty(self, param: Tensor) -> Tensor:
-        return self.lam * param.abs().sum()
+    def _kwargs(self) -> Dict[str, Any]:
+        return self._with_anchor(super()._kwargs())
 
-    def prox_(self, param: Tensor, step: Any) -> None:
-        """``param <- sgn(param) * max(|param| - step * lam, 0)`` (soft thresholding), in place."""
-        if self.lam:
-            _soft_threshold_(param, step, self.lam)
+    def penalty(self, param: Tensor, state: Optional[Dict[str, Tensor]] = None) -> Tensor:
+        return self.lam * l1_penalty(param, None if state is None else state["center"])
 
-    def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
-        if self.lam:
+    def prox_(self, param: Tensor, step: Any, state: Optional[Dict[str, Tensor]] = None) -> None:
+        """``param <- c + sgn(param - c) * max(|param - c| - step * lam, 0)`` (soft thresholding around
+        the center ``c``, 0 without one), in place: the coordinates it thresholds become exactly ``c``."""
+        if self.lam and (isinstance(step, Tensor) or step > 0):
+            shifted_(param, None if state is None else state["center"],
+                     lambda d: _soft_threshold_(d, step, self.lam))
+
+    def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None,
+              state: Optional[Dict[str, Tensor]] = None) -> None:
+        if not self.lam:
+            return
+        if state is None:
             add_sign_(grad, param, self.lam * alpha, scale)
+        else:
+            add_l1_(grad, param, state["center"], self.lam * alpha, scale)
 
     def _adder(self, alpha: float, scale: Optional[Tensor]) -> Optional[Adder]:
-        if type(self).grad_ is not L1.grad_ or self.lam * alpha > _SMALLEST_MAX:
+        if type(self).grad_ is not L1.grad_ or self.lam * alpha > _SMALLEST_MAX or self.center is not None:
             return None
         return sign_adder(self.lam * alpha, scale) if self.lam else nothing
 
 
-class L2(_OneStrength):
+class L2(Anchored, _OneStrength):
     """L2 regularization (weight decay): adds ``lam * w`` to each selected weight's gradient.
 
     The penalty is ``lam / 2 * sum(w ** 2)``, so that the gradient equals ``torch.optim``'s
     ``weight_decay=lam``. Keras' ``l2(lam)`` penalizes ``lam * sum(w ** 2)``: use ``L2(2 * lam)``.
+    Toward an anchor ``c`` (``center=``): ``lam / 2 * sum((w - c) ** 2)``, gradient ``lam * (w - c)``
+    (L2-SP, for fine-tuning); with an importance ``F`` (``importance=``):
+    ``lam / 2 * sum(F * (w - c) ** 2)``, gradient ``lam * F * (w - c)`` (EWC, for continual learning;
+    ``F`` from :func:`torchreg.fisher_diagonal`).
 
     Args:
         module: the layer (or whole model) to regularize. Omit it to get a rule.
         lam: strength, a finite number >= 0; may be changed later (``rule.lam = ...``).
+        center: keyword only; ``None`` (default, toward 0), ``"init"``, a mapping from parameter names
+            to tensors (a ``state_dict()``) or an ``nn.Module``; see :class:`L1`.
+        importance: keyword only; ``None`` (default) or a mapping from parameter names to tensors
+            ``>= 0`` of the parameters' shapes, copied once per parameter as the center is; needs a
+            ``center``.
         params: which parameters; see :class:`L1`.
 
     Returns:
@@ -404,25 +458,63 @@ class L2(_OneStrength):
         tensor([[ 0.1000, -0.2000]])
         >>> torchreg.penalty(layer)                      # 0.1 / 2 * (1 + 4)
         tensor(0.2500)
+
+    L2-SP toward pretrained weights, the new head left out by a ``None`` rule::
+
+        >>> from torch import nn
+        >>> pretrained = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5))
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))   # a new head: 2 outputs
+        >>> _ = model[0].load_state_dict(pretrained[0].state_dict())
+        >>> model = torchreg.apply_regularization(model, {"2": None, nn.Linear: torchreg.L2(1e-2, center=pretrained)})
+        >>> torchreg.penalty(model)                      # at the anchor
+        tensor(0.)
+        >>> torchreg.L2(1.0, center="init", importance={"0.weight": torch.ones(4, 3)})
+        L2(lam=1.0, center='init', importance=<dict of 1>)
     """
 
-    def penalty(self, param: Tensor) -> Tensor:
-        return self.lam / 2 * sum_of_squares(param)
+    _has_importance = True
 
     def _decays_to_zero(self) -> float:
         return self.lam if getattr(self, "center", None) is None else 0.0
 
-    def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
-        if self.lam:
+    @overload
+    def __new__(cls, module: M, lam: float, *, center: Center = None, importance: Importance = None,
+                params: Selection = None) -> M: ...
+    @overload
+    def __new__(cls, lam: float, *, center: Center = None, importance: Importance = None,
+                params: Selection = None) -> "L2": ...
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return super().__new__(cls, *args, **kwargs)
+
+    def __init__(self, lam: float, *, center: Center = None, importance: Importance = None,
+                 params: Selection = None) -> None:
+        super().__init__(lam, params=params)
+        self._init_anchor(center, importance)
+
+    def _kwargs(self) -> Dict[str, Any]:
+        return self._with_anchor(super()._kwargs())
+
+    def penalty(self, param: Tensor, state: Optional[Dict[str, Tensor]] = None) -> Tensor:
+        if state is None:
+            return self.lam / 2 * sum_of_squares(param)
+        return self.lam / 2 * l2_penalty(param, state["center"], state.get("importance"))
+
+    def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None,
+              state: Optional[Dict[str, Tensor]] = None) -> None:
+        if not self.lam:
+            return
+        if state is None:
             add_scaled_(grad, param, self.lam * alpha, scale)
+        else:
+            add_l2_(grad, param, state["center"], state.get("importance"), self.lam * alpha, scale)
 
     def _adder(self, alpha: float, scale: Optional[Tensor]) -> Optional[Adder]:
-        if type(self).grad_ is not L2.grad_ or self.lam * alpha > _SMALLEST_MAX:
+        if type(self).grad_ is not L2.grad_ or self.lam * alpha > _SMALLEST_MAX or self.center is not None:
             return None
         return scaled_adder(self.lam * alpha, scale) if self.lam else nothing
 
 
-class ElasticNet(Regularizer):
+class ElasticNet(Anchored, Regularizer):
     """Elastic-net regularization: adds ``l1 * sign(w) + l2 * w`` to each selected weight's gradient.
 
     The penalty is ``l1 * sum(|w|) + l2 / 2 * sum(w ** 2)`` (L2 in ``torch.optim``'s convention).
@@ -436,6 +528,9 @@ class ElasticNet(Regularizer):
             ``t`` of :class:`L1`'s proximal mode (exact zeros; the fixed point is the minimizer of
             ``loss + penalty``, as scikit-learn's ``ElasticNet(alpha, l1_ratio)`` with
             ``l1 = alpha * l1_ratio`` and ``l2 = alpha * (1 - l1_ratio)``).
+        center: keyword only; the anchor both terms pull toward (``w - c`` in place of ``w``; the
+            proximal operator becomes ``c + soft(w - c, t * l1) / (1 + t * l2)``); ``None`` (default),
+            ``"init"``, a mapping or a module, see :class:`L1`.
         params: which parameters; see :class:`L1`.
 
     Returns:
@@ -461,37 +556,57 @@ class ElasticNet(Regularizer):
     l2 = strength("l2")
 
     @overload
-    def __new__(cls, module: M, l1: float, l2: float, *, proximal: bool = False, params: Selection = None) -> M: ...
+    def __new__(cls, module: M, l1: float, l2: float, *, center: Center = None, proximal: bool = False,
+                params: Selection = None) -> M: ...
     @overload
-    def __new__(cls, l1: float, l2: float, *, proximal: bool = False, params: Selection = None) -> "ElasticNet": ...
+    def __new__(cls, l1: float, l2: float, *, center: Center = None, proximal: bool = False,
+                params: Selection = None) -> "ElasticNet": ...
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         return super().__new__(cls, *args, **kwargs)
 
-    def __init__(self, l1: float, l2: float, *, proximal: bool = False, params: Selection = None) -> None:
+    def __init__(self, l1: float, l2: float, *, center: Center = None, proximal: bool = False,
+                 params: Selection = None) -> None:
         self.l1 = l1
         self.l2 = l2
         self._init_proximal(proximal)
         self._init_selection(params)
-
-    def prox_(self, param: Tensor, step: Any) -> None:
-        """``param <- soft(param, step * l1) / (1 + step * l2)``, in place."""
-        if self.l1:
-            _soft_threshold_(param, step, self.l1)
-        if self.l2:
-            param.div_(step * self.l2 + 1)
-
-    def penalty(self, param: Tensor) -> Tensor:
-        return self.l1 * param.abs().sum() + self.l2 / 2 * sum_of_squares(param)
+        self._init_anchor(center)
 
     def _decays_to_zero(self) -> float:
         return self.l2 if getattr(self, "center", None) is None else 0.0
 
-    def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None) -> None:
-        add_elastic_(grad, param, self.l1 * alpha, self.l2 * alpha, scale)
+    def _kwargs(self) -> Dict[str, Any]:
+        return self._with_anchor(super()._kwargs())
+
+    def prox_(self, param: Tensor, step: Any, state: Optional[Dict[str, Tensor]] = None) -> None:
+        """``param <- c + soft(param - c, step * l1) / (1 + step * l2)`` (``c`` the center, 0 without
+        one), in place."""
+        if not (self.l1 or self.l2) or (not isinstance(step, Tensor) and step <= 0):
+            return
+
+        def centered_(d: Tensor) -> None:
+            if self.l1:
+                _soft_threshold_(d, step, self.l1)
+            if self.l2:
+                d.div_(step * self.l2 + 1)
+
+        shifted_(param, None if state is None else state["center"], centered_)
+
+    def penalty(self, param: Tensor, state: Optional[Dict[str, Tensor]] = None) -> Tensor:
+        center = None if state is None else state["center"]
+        return self.l1 * l1_penalty(param, center) + self.l2 / 2 * l2_penalty(param, center)
+
+    def grad_(self, grad: Tensor, param: Tensor, alpha: float = 1.0, scale: Optional[Tensor] = None,
+              state: Optional[Dict[str, Tensor]] = None) -> None:
+        if state is None:
+            add_elastic_(grad, param, self.l1 * alpha, self.l2 * alpha, scale)
+        else:
+            add_l2_(grad, param, state["center"], None, self.l2 * alpha, scale)
+            add_l1_(grad, param, state["center"], self.l1 * alpha, scale)
 
     def _adder(self, alpha: float, scale: Optional[Tensor]) -> Optional[Adder]:
         l1, l2 = self.l1 * alpha, self.l2 * alpha
-        if type(self).grad_ is not ElasticNet.grad_ or max(l1, l2) > _SMALLEST_MAX:
+        if type(self).grad_ is not ElasticNet.grad_ or max(l1, l2) > _SMALLEST_MAX or self.center is not None:
             return None
         if l1 and l2:
             return elastic_adder(l1, l2, scale)
@@ -590,8 +705,9 @@ class GroupLasso(_OneStrength):
         if not self.lam:
             return
         norms = torch.linalg.vector_norm(param, dim=self._other_dims(param), keepdim=True)
-        coef = torch.where(norms > 0, norms.reciprocal().mul_(self.lam * alpha), 0)
-        grad.addcmul_(param, coef if scale is None else coef.mul_(scale))
+        # (out of place: under backward(create_graph=True) autograd saves the reciprocal for the term's graph)
+        coef = torch.where(norms > 0, norms.reciprocal() * (self.lam * alpha), 0)
+        grad.addcmul_(param, coef if scale is None else coef * scale)
 
     def prox_(self, param: Tensor, step: Any) -> None:
         """``w_g <- w_g * max(0, 1 - step * lam / ||w_g||)`` for a step shared by all elements.

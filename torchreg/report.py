@@ -7,8 +7,9 @@ from typing import Any, Dict, List, Sequence, Set
 import torch
 from torch import Tensor, nn
 
-from . import _activity_engine, _engine
-from ._tracking import is_lazy
+from . import _activity_engine, _constraint_unit, _engine, _registry
+from ._anchor import at_center
+from ._tracking import is_lazy, state_kw
 from ._select import EXCLUDED, default_weights
 from ._validate import check_module
 
@@ -65,14 +66,17 @@ class Summary:
 
     Each record has the keys ``module`` (qualified path), ``type``, ``rule`` (which rule matched,
     in rule order), ``regularizer`` (its repr, or ``None`` for a skipped module), ``parameters`` (the
-    covered names), ``numel``, ``penalty`` (a float) and ``note`` (why a module was skipped).
+    covered names), ``numel``, ``penalty`` (a float) and ``note`` (why a module was skipped). A weight
+    constraint (``torchreg.MaxNorm``, ...) has rows of its own (after a module's penalty row), with
+    ``regularizer`` the constraint's repr, ``penalty`` ``None`` and the note
+    ``"constraint, after each optimizer step"``.
 
     :attr:`uncovered` has one dict per module type, in the order the modules are walked, with the keys
     ``type`` (the class name), ``count`` (how many weights), ``numel``, ``frozen`` (how many of them
     have ``requires_grad=False``) and ``parameters`` (their qualified names). A weight is what the
     default selection takes (a kernel of a layer that is not a normalization layer, see
-    ``torchreg.L1``'s ``params``); it is uncovered when no regularization applied to the module, to
-    one of its submodules or to an enclosing module covers it, and no ``None`` rule excluded it (a
+    ``torchreg.L1``'s ``params``); it is uncovered when no regularization or constraint applied to the
+    module, to one of its submodules or to an enclosing module covers it, and no ``None`` rule excluded it (a
     ``None`` rule of a call on an enclosing module shows in the summary of that module, not of its
     parts). A rule that matched a module but selected other parameters (``params="bias"``) leaves
     the module's weight uncovered.
@@ -102,8 +106,11 @@ class Summary:
         total = sum(r["penalty"] for r in self.records if r["penalty"] is not None)
         numel = sum(r["numel"] for r in self.records)
         activity = sum(r["note"] == _activity_engine.NOTE for r in self.records)
+        constrained = sum(r["numel"] for r in self.records if r["note"] == _constraint_unit.NOTE)
         also = f"; {activity} activity regularization{'s' if activity != 1 else ''} (not in the penalty)" if activity else ""
-        lines.append(f"total: {numel} regularized elements, penalty {total:.4g}{also}")
+        if constrained:
+            also += f"; {constrained} constrained elements"
+        lines.append(f"total: {numel - constrained} regularized elements, penalty {total:.4g}{also}")
         for group in self.uncovered:
             n, frozen = group["count"], group["frozen"]
             extra = "" if not frozen else ", frozen" if frozen == n else f", {frozen} frozen"
@@ -143,7 +150,9 @@ def summary(module: nn.Module) -> Summary:
     check_module(module, "summary")
     prefixes = {id(m): name for name, m in module.named_modules()}
     records: List[Dict[str, Any]] = []
-    for unit in _engine.units_in(module):
+    units = list(_engine.units_in(module)) + list(_registry.units_in(module, _constraint_unit.KIND))
+    for unit in units:
+        constraint = isinstance(unit, _constraint_unit.ConstraintUnit)
         base = prefixes.get(id(unit.root), "")
         rows: Dict[str, Dict[str, Any]] = {}
 
@@ -161,9 +170,12 @@ def summary(module: nn.Module) -> Summary:
                 owner = unit.root.get_submodule(path)
                 r = row(path, type(owner).__name__, entry.origin or "-", repr(entry.rule))
                 r["parameters"].append(leaf)
+                if constraint:
+                    r["note"] = _constraint_unit.NOTE
                 if not is_lazy(entry.param):
                     r["numel"] += entry.param.numel()
-                    r["penalty"] = (r["penalty"] or 0.0) + float(unit.entry_penalty(entry))
+                    if not constraint:
+                        r["penalty"] = (r["penalty"] or 0.0) + float(unit.entry_penalty(entry))
         for skip in unit.skipped:
             row(skip.name, skip.module_type, skip.origin, None)["note"] = skip.reason
         order = {name: i for i, (name, _) in enumerate(unit.root.named_modules())}
@@ -177,10 +189,11 @@ def summary(module: nn.Module) -> Summary:
 def _uncovered(module: nn.Module) -> List[Dict[str, Any]]:
     """The default weights of ``module`` that no unit covers and no ``None`` rule excluded, by type."""
     units = {id(u): u for u in _engine.units_in(module)}
+    units.update((id(u), u) for u in _registry.units_in(module, _constraint_unit.KIND))
     for p in module.parameters():  # regularization applied to an enclosing module
-        unit = _engine.owner_of(p)
-        if unit is not None:
-            units.setdefault(id(unit), unit)
+        for unit in (_engine.owner_of(p), _constraint_unit.owner_of(p)):
+            if unit is not None:
+                units.setdefault(id(unit), unit)
     covered: Set[int] = set()
     for unit in units.values():
         covered.update(id(e.param) for e in unit.entries)
@@ -209,7 +222,8 @@ class Sparsity:
     :attr:`total` the same keys summed over them.
 
     Each record has the keys ``parameter`` (qualified name), ``regularizer`` (its repr), ``numel``,
-    ``zeros`` (elements exactly 0), ``zero_fraction``, and for a group regularizer ``groups``,
+    ``zeros`` (elements exactly 0; for a rule with a ``center=``, elements exactly equal to their
+    center), ``zero_fraction``, and for a group regularizer ``groups``,
     ``zero_groups`` and ``zero_group_fraction`` (``None`` otherwise).
     """
 
@@ -256,7 +270,9 @@ def sparsity(module: nn.Module) -> Sparsity:
     enclosing module), in the order of ``module.named_parameters()``, and a total. A group regularizer
     (:class:`torchreg.GroupLasso`) also counts its groups that are exactly zero (a pruned neuron, or
     input feature). Counts are exact: ``w == 0``, no tolerance (proximal regularization makes exact
-    zeros; a gradient term leaves weights oscillating near zero).
+    zeros; a gradient term leaves weights oscillating near zero). For a rule toward an anchor
+    (``center=``) the zeros are of ``w - c``: the weights exactly at their center (a proximal L1 with a
+    center leaves most weights exactly at their pretrained values).
 
     Example::
 
@@ -274,17 +290,19 @@ def sparsity(module: nn.Module) -> Sparsity:
     covered: Dict[int, Any] = {}
     for unit in _engine.units_in(module):
         for entry in unit.entries:
-            covered.setdefault(id(entry.param), entry.rule)
+            covered.setdefault(id(entry.param), entry)
     records: List[Dict[str, Any]] = []
     with torch.no_grad():
         for name, p in module.named_parameters():
-            rule = covered.get(id(p))
-            if rule is None:
+            entry = covered.get(id(p))
+            if entry is None:
                 unit = _engine.owner_of(p)  # regularized by a call on an enclosing module
-                rule = next((e.rule for e in unit.entries if e.param is p), None) if unit is not None else None
-            if rule is None or is_lazy(p):
+                entry = next((e for e in unit.entries if e.param is p), None) if unit is not None else None
+            if entry is None or is_lazy(p):
                 continue
-            zeros = int((p == 0).sum())
+            rule = entry.rule
+            center = state_kw(entry, p).get("state", {}).get("center")  # a rule toward an anchor (center=)
+            zeros = int((p == 0).sum()) if center is None else at_center(p, center)
             record: Dict[str, Any] = dict(parameter=name, regularizer=repr(rule), numel=p.numel(), zeros=zeros,
                                           zero_fraction=zeros / p.numel() if p.numel() else 0.0,
                                           groups=None, zero_groups=None, zero_group_fraction=None)

@@ -9,27 +9,47 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 
 from torch import nn
 
-from . import _activity_engine, _engine, _registry
+from . import _activity_engine, _constraint_unit, _engine, _registry
 from ._select import EXCLUDED, select
 from ._validate import check_hookable, check_module, describe
 from .activity import _ActivityRegularizer
-from ._base import NO_MODULE
-from .regularizers import Regularizer
+from ._base import NO_MODULE, Rule
+from .constraints import Constraint
 
 __all__ = ["apply_regularization", "remove_regularization"]
 
 M = TypeVar("M", bound=nn.Module)
 RuleKey = Union[type, Tuple[type, ...], str]
-RuleValue = Union[Regularizer, "functools.partial[Any]", None]
+RuleValue = Union[Rule, "functools.partial[Any]", Tuple[Any, ...], List[Any], None]
+
+
+#: The kinds of rule a module takes one of each: a penalty on its parameters, an activity penalty on its
+#: output, a constraint on its parameters.
+KINDS = ("penalty", "activity", "constraint")
+
+
+def rule_kind(rule: Any) -> str:
+    """``"penalty"``, ``"activity"`` or ``"constraint"``: which kind of rule ``rule`` is."""
+    if isinstance(rule, Constraint):
+        return "constraint"
+    return "activity" if isinstance(rule, _ActivityRegularizer) else "penalty"
 
 
 class _Rule:
-    __slots__ = ("label", "matches", "regularizer")
+    __slots__ = ("label", "matches", "rules")
 
-    def __init__(self, label: str, matches: Callable[[str, nn.Module], bool], regularizer: Optional[Regularizer]):
+    def __init__(self, label: str, matches: Callable[[str, nn.Module], bool], rules: Optional[Tuple[Rule, ...]]):
         self.label = label
         self.matches = matches
-        self.regularizer = regularizer
+        self.rules = rules  # None: exclude the module; else one rule per kind at most
+
+    def of_kind(self, kind: str) -> Optional[Rule]:
+        """This rule's rule of ``kind``, if it has one."""
+        return next((r for r in self.rules or () if rule_kind(r) == kind), None)
+
+    def has(self, kind: str) -> bool:
+        """Whether this rule speaks for ``kind``: an exclusion (``None``) speaks for every kind."""
+        return self.rules is None or self.of_kind(kind) is not None
 
 
 def _key_label(key: Any) -> str:
@@ -56,15 +76,16 @@ def _compile_key(key: Any, label: str) -> Callable[[str, nn.Module], bool]:
     )
 
 
-def _compile_value(value: Any, label: str) -> Optional[Regularizer]:
-    if value is None or isinstance(value, Regularizer):
+def _compile_one(value: Any, label: str) -> Rule:
+    """A single rule (a torchreg rule or a ``functools.partial`` of a rule class) made a rule object."""
+    if isinstance(value, Rule):
         return value
-    if isinstance(value, type) and issubclass(value, Regularizer):
+    if isinstance(value, type) and issubclass(value, Rule):
         raise TypeError(
             f"rule {label}: got the class torchreg.{value.__name__}; instantiate it, e.g. "
-            f"torchreg.{value.__name__}({', '.join(f'{s}=1e-4' for s in value._strengths)})"
+            f"torchreg.{value.__name__}({', '.join(f'{s}=1e-4' for s in value._positional)})"
         )
-    if isinstance(value, functools.partial) and isinstance(value.func, type) and issubclass(value.func, Regularizer):
+    if isinstance(value, functools.partial) and isinstance(value.func, type) and issubclass(value.func, Rule):
         try:
             module = value.func._split_module(value.args, value.keywords)[0]
             if module is not NO_MODULE:  # calling it would regularize that module now: refuse first
@@ -72,18 +93,46 @@ def _compile_value(value: Any, label: str) -> Optional[Regularizer]:
                     f"functools.partial(torchreg.{value.func.__name__}, ...) binds {describe(module)}, "
                     "so calling it would regularize that module rather than make a rule; leave the module "
                     f"out: functools.partial(torchreg.{value.func.__name__}, "
-                    f"{', '.join(f'{s}=1e-4' for s in value.func._strengths)})"
+                    f"{', '.join(f'{s}=1e-4' for s in value.func._positional)})"
                 )
             rule = value()
         except (TypeError, ValueError) as error:
             raise type(error)(f"rule {label}: {error}") from error
-        if isinstance(rule, Regularizer):
+        if isinstance(rule, Rule):
             return rule
     raise TypeError(
-        f"rule {label}: a value must be a torchreg regularizer such as torchreg.L1(lam=1e-4), a "
-        f"functools.partial of one such as functools.partial(torchreg.L1, lam=1e-4), or None to "
-        f"exclude the module; got {value!r} ({type(value).__name__})"
+        f"rule {label}: a value must be a torchreg regularizer such as torchreg.L1(lam=1e-4) or constraint such as "
+        f"torchreg.MaxNorm(3.0), "
+        f"a functools.partial of one such as functools.partial(torchreg.L1, lam=1e-4), a tuple or list of "
+        f"those (one of each kind: penalty, activity, constraint), or None to exclude the module; got "
+        f"{value!r} ({type(value).__name__})"
     )
+
+
+def _compile_value(value: Any, label: str) -> Optional[Tuple[Rule, ...]]:
+    """``None`` (exclude), or the rules of a value: one rule, or a tuple or list of rules of different
+    kinds (``(torchreg.L2(1e-4), torchreg.MaxNorm(3.0))``)."""
+    if value is None:
+        return None
+    values = list(value) if isinstance(value, (tuple, list)) else [value]
+    if not values:
+        raise ValueError(f"rule {label}: an empty {type(value).__name__} of rules; give at least one rule, or "
+                         "None to exclude the module")
+    rules: List[Rule] = []
+    for item in values:
+        if item is None:
+            raise TypeError(f"rule {label}: None inside a {type(value).__name__} of rules; None excludes a "
+                            "module on its own (the rule's whole value)")
+        rule = _compile_one(item, label)
+        clash = next((r for r in rules if rule_kind(r) == rule_kind(rule)), None)
+        if clash is not None:
+            raise ValueError(
+                f"rule {label}: {clash!r} and {rule!r} are both {rule_kind(rule)} rules; a module takes one "
+                f"rule of each kind (penalty, activity, constraint): combine them into one (e.g. ElasticNet "
+                "for L1 and L2) or match the modules with two rules"
+            )
+        rules.append(rule)
+    return tuple(rules)
 
 
 def _compile_rules(rules: Any) -> List[_Rule]:
@@ -112,10 +161,14 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
 
     A matched module is regularized for the parameters it owns directly, with the rule's selection
     (by default its weights: no biases, nothing of a normalization layer). The value of a rule is a
-    regularizer (``torchreg.L1(lam=1e-4)``), a ``functools.partial`` of one
-    (``functools.partial(torchreg.L1, lam=1e-4)``), or ``None``, which leaves the module *and its
-    submodules* alone whatever later rules say. A matched module with nothing selected (an activation,
-    a norm layer caught by a pattern) is skipped and listed as such by :func:`torchreg.summary`; a
+    regularizer (``torchreg.L1(lam=1e-4)``), a weight constraint (``torchreg.MaxNorm(3.0)``), a
+    ``functools.partial`` of one (``functools.partial(torchreg.L1, lam=1e-4)``), a tuple or list of
+    those with one rule of each kind (a penalty, an activity penalty, a constraint:
+    ``(torchreg.L2(1e-4), torchreg.MaxNorm(3.0))``), or ``None``, which leaves the module *and its
+    submodules* alone whatever later rules say. Each kind is matched on its own: a module gets the
+    first matching rule that has a rule of that kind, a ``None`` rule counting for every kind (a
+    constraint or activity rule matched *before* the ``None`` still applies to the module itself). A
+    matched module with nothing selected (an activation, a norm layer caught by a pattern) is skipped and listed as such by :func:`torchreg.summary`; a
     rule that matches no module, or selects no parameter in the modules it matches (or only parameters
     tied to ones covered under a module walked earlier), warns. :func:`torchreg.summary` lists the
     weights no rule covers, by module type.
@@ -136,7 +189,8 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
     Raises:
         TypeError: ``model`` is not a module instance, or a rule key or value has the wrong type.
         ValueError: ``model`` is regularized already (applying twice would double the penalty), a
-            selected parameter is regularized by another call, or (``strict=True``) a rule matches
+            selected parameter is regularized (or constrained) by another call, a tuple of rules holds
+            two of one kind, or (``strict=True``) a rule matches
             no module or selects no parameter (none but tied ones covered already). Nothing is
             changed when it raises.
 
@@ -155,10 +209,19 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
         >>> _ = model(torch.randn(2, 3, 8, 8))                   # the lazy layer gets its weight
         >>> [r["module"] for r in torchreg.summary(model).records if r["regularizer"]]
         ['0', '4']
+        >>> mlp = torchreg.apply_regularization(                 # a penalty and a constraint
+        ...     nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)),
+        ...     {nn.Linear: (torchreg.L2(1e-4), torchreg.MaxNorm(3.0))})
+        >>> for record in torchreg.summary(mlp).records:
+        ...     print(record["module"], record["regularizer"])
+        0 L2(lam=0.0001)
+        0 MaxNorm(max_value=3.0, dim=0)
+        2 L2(lam=0.0001)
+        2 MaxNorm(max_value=3.0, dim=0)
     """
     check_hookable(model, "apply_regularization")
     compiled = _compile_rules(rules)
-    entries, skipped, activity, hits, selected, tied = _plan(model, compiled)
+    entries, skipped, activity, hits, selected, tied, constraints = _plan(model, compiled)
     problems = [f"rule {r.label} matched no module" for r, n in zip(compiled, hits) if n == 0] + [
         f"rule {r.label} matched {n} module(s) but selected no parameter of them"
         if not shared else
@@ -166,7 +229,7 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
         f"under a module walked earlier ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}), "
         "so it regularizes nothing"
         for r, n, k, shared in zip(compiled, hits, selected, tied)
-        if n and not k and r.regularizer is not None
+        if n and not k and r.rules is not None
     ]
     if problems:
         message = f"apply_regularization on {type(model).__name__}: " + "; ".join(problems)
@@ -177,13 +240,29 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
         entry.rule._check_fits([(entry.name, entry.param)])
     if activity:
         _activity_engine.check_free(model, activity)  # raise before the weight unit is attached
-    if entries or skipped:
-        _engine.attach(model, entries, skipped)
-    if activity:
-        _activity_engine.attach(model, activity)
+    if constraints:
+        _constraint_unit.check(model, constraints)
+    # The skipped modules are listed by the summary from the penalty unit, or from the constraint unit
+    # when there is no penalty to attach.
+    penalty_skipped = skipped if entries or not constraints else []
+    attached: List[Any] = []
+    try:
+        if entries or penalty_skipped:
+            _engine.attach(model, entries, penalty_skipped)
+            attached.append(model.__dict__[_engine.ATTR])
+        if activity:
+            _activity_engine.attach(model, activity)
+            attached.append(model.__dict__[_activity_engine.ATTR])
+        if constraints:
+            _constraint_unit.attach(model, constraints, [] if penalty_skipped else skipped)
+    except BaseException:
+        for unit in attached:  # (checked above: only an unforeseen error gets here)
+            unit.uninstall()
+        raise
     for rule in compiled:
-        if rule.regularizer is not None:
-            rule.regularizer._applied_to([e.param for e in entries if e.rule is rule.regularizer])
+        for one in rule.rules or ():
+            if rule_kind(one) != "constraint":
+                one._applied_to([e.param for e in entries if e.rule is one])
     return model
 
 
@@ -194,62 +273,71 @@ class _Plan(NamedTuple):
     skipped: List[_engine.Skipped]
     activity: List[_activity_engine.ActivityEntry]
     hits: List[int]  # modules each rule matched
-    selected: List[int]  # parameters newly covered by each rule
+    selected: List[int]  # parameters (activity: modules) newly covered by each rule
     tied: List[List[str]]  # per rule: selected, but covered already under another module
+    constraints: List[_engine.Entry]  # constrained parameters, in walk order, a tied one once
 
 
 def _plan(model: nn.Module, compiled: List[_Rule]) -> _Plan:
-    """Walk ``model`` with the compiled rules: the first matching rule of each kind (weights, activity)
-    wins, ``None`` excludes a module with its submodules, a matched module contributes what its rule
-    selects among the parameters it owns directly, a tied parameter is covered once."""
+    """Walk ``model`` with the compiled rules: the first matching rule of each kind (penalty, activity,
+    constraint) wins, ``None`` excludes a module with its submodules, a matched module contributes what
+    its rule selects among the parameters it owns directly, a tied parameter is covered once."""
     hits = [0] * len(compiled)
     selected = [0] * len(compiled)  # parameters newly covered by each rule
     tied: List[List[str]] = [[] for _ in compiled]  # selected, but covered already under another module
-    entries: List[_engine.Entry] = []
+    found: Dict[str, List[_engine.Entry]] = {"penalty": [], "constraint": []}
+    taken: Dict[str, Dict[int, str]] = {"penalty": {}, "constraint": {}}
     skipped: List[_engine.Skipped] = []
     excluded: List[str] = []
-    taken: Dict[int, str] = {}
     activity: List[_activity_engine.ActivityEntry] = []  # activity rules: a stream of their own
     for path, module in model.named_modules():
         if any(_inside(path, prefix) for prefix in excluded):
             continue
-        # Weight rules and activity rules are matched independently: the module gets the first
-        # matching rule of each kind; a None rule counts for both kinds.
+        # Each kind is matched independently: the module gets the first matching rule of each kind
+        # (penalty, activity, constraint); a None rule counts for every kind.
         matched = [i for i, rule in enumerate(compiled) if rule.matches(path, module)]
-        act = next((i for i in matched if _is_activity(compiled[i])), None)
-        index = next((i for i in matched if not _is_activity(compiled[i])), None)
-        if act is not None and not any(compiled[i].regularizer is None for i in matched if i < act):
-            hits[act] += 1
+        first = {kind: next((i for i in matched if compiled[i].has(kind)), None) for kind in KINDS}
+        for i in sorted({i for i in first.values() if i is not None}):
+            hits[i] += 1
+        kind_name = type(module).__name__
+        # A None rule first among the penalty rules excludes the module's parameters and its submodules
+        # (the kinds matched by an earlier rule, activity or constraint, still apply to the module).
+        exclusion = first["penalty"]
+        if exclusion is not None and compiled[exclusion].rules is not None:
+            exclusion = None
+        act = first["activity"]
+        if act is not None and compiled[act].rules is not None:
             selected[act] += 1
-            activity.append(_activity_engine.ActivityEntry(path, module, compiled[act].regularizer,
+            activity.append(_activity_engine.ActivityEntry(path, module, compiled[act].of_kind("activity"),
                                                            f"rule {compiled[act].label}"))
-        if index is None:
-            continue
-        hits[index] += 1
-        rule = compiled[index]
-        kind = type(module).__name__
-        if rule.regularizer is None:
+        if exclusion is not None:
             excluded.append(path)
-            skipped.append(_engine.Skipped(path, kind, f"rule {rule.label}", EXCLUDED))
-            continue
-        chosen = select(module, rule.regularizer.params, recurse=False)
-        if not chosen and (module._parameters or not module._modules):  # containers are walked into
-            skipped.append(_engine.Skipped(path, kind, f"rule {rule.label}", "selects no parameter here"))
-        for leaf, p in chosen:
-            name = f"{path}.{leaf}" if path else leaf
-            if id(p) in taken:
-                skipped.append(_engine.Skipped(path, kind, f"rule {rule.label}",
-                                               f"{leaf} is {taken[id(p)]}, regularized once"))
-                tied[index].append(f"{name} is {taken[id(p)]}")
+            skipped.append(_engine.Skipped(path, kind_name, f"rule {compiled[exclusion].label}", EXCLUDED))
+        empty: Dict[int, bool] = {}  # rule index -> every kind of it selected nothing here
+        for kind in ("penalty", "constraint"):
+            index = first[kind]
+            if index is None or compiled[index].rules is None:
                 continue
-            taken[id(p)] = name
-            selected[index] += 1
-            entries.append(_engine.Entry(name, p, rule.regularizer, f"rule {rule.label}"))
-    return _Plan(entries, skipped, activity, hits, selected, tied)
-
-
-def _is_activity(rule: _Rule) -> bool:
-    return isinstance(rule.regularizer, _ActivityRegularizer)
+            rule = compiled[index]
+            one = rule.of_kind(kind)
+            chosen = select(module, one.params, recurse=False)
+            empty[index] = empty.get(index, True) and not chosen
+            for leaf, p in chosen:
+                name = f"{path}.{leaf}" if path else leaf
+                if id(p) in taken[kind]:
+                    verb = "regularized" if kind == "penalty" else "constrained"
+                    skipped.append(_engine.Skipped(path, kind_name, f"rule {rule.label}",
+                                                   f"{leaf} is {taken[kind][id(p)]}, {verb} once"))
+                    tied[index].append(f"{name} is {taken[kind][id(p)]}")
+                    continue
+                taken[kind][id(p)] = name
+                selected[index] += 1
+                found[kind].append(_engine.Entry(name, p, one, f"rule {rule.label}"))
+        for index, nothing in empty.items():
+            if nothing and (module._parameters or not module._modules):  # containers are walked into
+                skipped.append(_engine.Skipped(path, kind_name, f"rule {compiled[index].label}",
+                                               "selects no parameter here"))
+    return _Plan(found["penalty"], skipped, activity, hits, selected, tied, found["constraint"])
 
 
 def _inside(path: str, prefix: str) -> bool:
