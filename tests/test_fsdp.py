@@ -30,7 +30,7 @@ from test_training_loops import WORLD, spawn_ranks
 
 STEPS = 2
 ROWS = 4  # rows per rank and micro-batch
-LAM = {"l2": 0.1, "l1": 0.05, "l1-prox": 0.05, "elastic": (0.05, 0.1), "logcosh": 0.1}
+LAM = {"l2": 0.1, "l1": 0.05, "l1-prox": 0.05, "elastic": (0.05, 0.1), "logcosh": 0.1, "l2-anchor": 0.5}
 KERNELS = ("0.weight", "2.weight")  # what the default selection regularizes in build()
 
 
@@ -71,6 +71,8 @@ def regularize(model: nn.Module, mode: str) -> None:
         torchreg.ElasticNet(model, *LAM[mode])
     elif mode == "logcosh":
         LogCosh(model, LAM[mode])
+    elif mode == "l2-anchor":  # toward the weights at apply (the same on every rank: build()'s)
+        torchreg.L2(model, LAM[mode], center="init")
     else:  # pragma: no cover
         raise AssertionError(mode)
 
@@ -109,6 +111,9 @@ def explicit_penalty(model: nn.Module, mode: str) -> torch.Tensor:
                 total = total + l1 * p.abs().sum() + l2 / 2 * (p * p).sum()
             elif mode == "logcosh":
                 total = total + LAM["logcosh"] * torch.log(torch.cosh(p)).sum()
+            elif mode == "l2-anchor":
+                start = dict(build().named_parameters())[name].detach()
+                total = total + LAM["l2-anchor"] / 2 * ((p - start) ** 2).sum()
     return total
 
 
@@ -180,6 +185,8 @@ SCENARIOS = [
              mesh=(WORLD, 1)),
     Scenario("fsdp2-user-rule-for-plain-tensors-no-sync-k2", "shard-then-regularize", sync=(False, True),
              modes=("logcosh",)),
+    Scenario("fsdp2-anchor-center-init-no-sync-k2", "shard-then-regularize", sync=(False, True),
+             modes=("l2-anchor",)),
     Scenario("fsdp2-large-weights", "shard-then-regularize", modes=("l2", "l1", "elastic"), large=True),
     Scenario("fsdp2-regularize-then-shard", "regularize-then-shard"),
     Scenario("fsdp2-regularize-then-shard-no-sync-k2", "regularize-then-shard", sync=(False, True)),

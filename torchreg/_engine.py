@@ -299,14 +299,19 @@ class Unit:
             # No gradient yet (a skipped parameter), or a sparse one (nn.Embedding(sparse=True)): the
             # result is dense, as autograd's is when a dense penalty gradient is added to the loss.
             p.grad = g = torch.zeros_like(p) if g is None else g.to_dense()
+        kw = state_kw(entry, p)
         if is_sharded(p) and elementwise_on_shards(entry.rule, p):
-            g, p = local(g), local(p)  # this rank's shard: the kernels work on plain tensors
+            # this rank's shard: the kernels work on plain tensors (and on the shards of a state sharded
+            # like the parameter: an anchor taken from it)
+            g, p = local(g), local(p)
+            if kw:
+                kw = {"state": {k: local(v) if is_sharded(v) else v for k, v in kw["state"].items()}}
         scale = self._scale
         if scale is not None and scale.device != g.device:
             scale = self._scales.get(g.device)
             if scale is None:
                 scale = self._scales[g.device] = self._scale.to(g.device, non_blocking=True)
-        entry.rule.grad_(g, p, self._alpha, scale, **state_kw(entry, p))
+        entry.rule.grad_(g, p, self._alpha, scale, **kw)
 
     # -- reading ---------------------------------------------------------------------------------
     def entry_penalty(self, entry: Entry) -> Tensor:
