@@ -299,13 +299,9 @@ class Unit:
             # No gradient yet (a skipped parameter), or a sparse one (nn.Embedding(sparse=True)): the
             # result is dense, as autograd's is when a dense penalty gradient is added to the loss.
             p.grad = g = torch.zeros_like(p) if g is None else g.to_dense()
-        kw = state_kw(entry, p)
         if is_sharded(p) and elementwise_on_shards(entry.rule, p):
-            # this rank's shard: the kernels work on plain tensors (and on the shards of a state sharded
-            # like the parameter: an anchor taken from it)
-            g, p = local(g), local(p)
-            if kw:
-                kw = {"state": {k: local(v) if is_sharded(v) else v for k, v in kw["state"].items()}}
+            g, p = local(g), local(p)  # this rank's shard: the kernels work on plain tensors
+        kw = state_kw(entry, p)  # (a rule's state for a sharded parameter is its shard: see _anchor)
         scale = self._scale
         if scale is not None and scale.device != g.device:
             scale = self._scales.get(g.device)
