@@ -1,4 +1,4 @@
-"""Smoke tests of examples/lightning_train.py and examples/hf_train.py, which README shows verbatim.
+"""Smoke tests of examples/lightning_train.py and examples/hf_train.py, which the docs show verbatim.
 
 The examples run in this process (``runpy``, as ``__main__``), sharing the imports of the
 integration tests; each must train and print the summary of what its rules regularized.
@@ -12,7 +12,6 @@ import warnings
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SECTION = "## Training with Lightning / Hugging Face"
 
 
 def run_example(name, capsys):
@@ -45,20 +44,10 @@ def test_hf_example(capsys):
     assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
 
 
-def readme_blocks():
-    text = (ROOT / "README.md").read_text()
-    if SECTION not in text:
-        pytest.skip(f"README has no {SECTION!r} section yet (it is pasted from notes/i10.md at merge)")
-    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(# examples/[\w.]+\n.*?)```", section, re.S)
-
-
 @pytest.mark.parametrize("name", ["lightning_train.py", "hf_train.py"])
-def test_readme_shows_the_examples_verbatim(name):
-    """Every README python block that starts with '# examples/<file>' is that file, byte for byte
-    (after the marker line and the file's module docstring)."""
-    blocks = {b.split("\n", 1)[0][2:]: b.split("\n", 1)[1] for b in readme_blocks()}
-    assert f"examples/{name}" in blocks, sorted(blocks)
-    source = (ROOT / "examples" / name).read_text()
-    body = source.split('"""', 2)[2].lstrip("\n")              # the code after the module docstring
-    assert blocks[f"examples/{name}"] == body
+def test_docs_show_the_examples_verbatim(name):
+    """The integrations guide page shows each example by including the file itself, so the page
+    cannot drift from the code that runs here."""
+    page = (ROOT / "docs" / "guide" / "integrations.md").read_text()
+    assert f"```{{literalinclude}} ../../examples/{name}\n" in page
+    assert (ROOT / "examples" / name).is_file()

@@ -658,9 +658,11 @@ def test_sparsity_counts_exact_zeros_and_groups() -> None:
     report = torchreg.sparsity(model)
     first, second = report.records
     assert first == dict(parameter="0.weight", regularizer="GroupLasso(lam=0.1, dim=1, proximal=True)", numel=12,
-                         zeros=8, zero_fraction=8 / 12, groups=4, zero_groups=2, zero_group_fraction=0.5)
+                         zeros=8, zero_fraction=8 / 12, groups=4, zero_groups=2, zero_group_fraction=0.5,
+                         zero_group_indices=[1, 2], zero_outputs=[], zero_inputs=[1, 2])
     assert second == dict(parameter="2.weight", regularizer="L1(lam=0.1)", numel=6, zeros=2, zero_fraction=2 / 6,
-                          groups=None, zero_groups=None, zero_group_fraction=None)
+                          groups=None, zero_groups=None, zero_group_fraction=None, zero_group_indices=None,
+                          zero_outputs=[], zero_inputs=[])
     assert report.total["numel"] == 18 and report.total["zeros"] == 10 and report.total["zero_groups"] == 2
     text = str(report)
     assert "0.weight" in text and "2 (50.0%)" in text and text.splitlines()[-1].startswith("total")

@@ -367,9 +367,11 @@ def train_and_compare(model: nn.Module, ref: nn.Module, terms: Terms, task: Task
 
 
 def apply_allowing_empty_rules(model, rules):
-    """apply_regularization where a rule may lose every module with parameters to an earlier one."""
+    """apply_regularization where a rule may lose every module with parameters to an earlier one, or a
+    tied parameter to the rule of the first module walked (tests/test_ties.py checks those warnings)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*selected no parameter")
+        warnings.filterwarnings("ignore", message=r".*shared by modules whose rules disagree")
         return torchreg.apply_regularization(model, rules)
 
 
@@ -445,7 +447,8 @@ def test_gradients_match_explicit_penalty(task_name, make_rules, terms):
 
 def test_tied_weight_has_one_hook_and_a_summary_note():
     model = TASKS["lm"].build()
-    torchreg.apply_regularization(model, {nn.Embedding: L2(1e-2), nn.Linear: L1(1e-3)})
+    with pytest.warns(UserWarning, match="embed.weight is shared by modules whose rules disagree"):
+        torchreg.apply_regularization(model, {nn.Embedding: L2(1e-2), nn.Linear: L1(1e-3)})
     assert model.head.weight is model.embed.weight
     assert len(model.embed.weight._post_accumulate_grad_hooks) == 1
     rows = {r["module"]: r for r in torchreg.summary(model).records}
@@ -798,17 +801,19 @@ def test_summary_records_exactly():
     torchreg.apply_regularization(model, {"out": None, nn.Conv2d: L2(0.1), nn.Module: EN(0.01, 0.02)})
     s = torchreg.summary(model)
     w_conv, w_fc = model.conv.weight.detach(), model.fc.weight.detach()
-    skipped = dict(regularizer=None, parameters=[], numel=0, penalty=None)
+    skipped = dict(regularizer=None, parameters=[], numel=0, penalty=None, tied={})
     no_param = dict(rule="rule #3 Module", note="selects no parameter here")
     expected = [
         dict(module="conv", type="Conv2d", rule="rule #2 Conv2d", regularizer="L2(lam=0.1)",
-             parameters=["weight"], numel=108, penalty=pytest.approx(0.05 * w_conv.pow(2).sum().item()), note=""),
+             parameters=["weight"], numel=108, penalty=pytest.approx(0.05 * w_conv.pow(2).sum().item()), note="",
+             tied={}),
         dict(module="bn", type="BatchNorm2d", **skipped, **no_param),
         dict(module="act", type="ReLU", **skipped, **no_param),
         dict(module="flat", type="Flatten", **skipped, **no_param),
         dict(module="fc", type="Linear", rule="rule #3 Module", regularizer="ElasticNet(l1=0.01, l2=0.02)",
              parameters=["weight"], numel=80,
-             penalty=pytest.approx(0.01 * w_fc.abs().sum().item() + 0.01 * w_fc.pow(2).sum().item()), note=""),
+             penalty=pytest.approx(0.01 * w_fc.abs().sum().item() + 0.01 * w_fc.pow(2).sum().item()), note="",
+             tied={}),
         dict(module="out", type="Linear", **skipped, rule="rule #1 'out'", note="excluded, with its submodules"),
     ]
     assert s.records == expected
@@ -959,3 +964,26 @@ def test_penalty_and_remove_on_a_submodule_of_a_regularized_model():
     torch.testing.assert_close(torchreg.penalty(model.layer1.conv1), 1e-2 / 2 * w.pow(2).sum())
     with pytest.raises(ValueError, match="enclosing TinyResNet: remove it there"):
         torchreg.remove_regularization(model.layer1)
+
+
+def test_an_exclusion_claims_a_tied_parameter_for_constraints_too() -> None:
+    """A tied weight whose first owner is excluded gets neither the penalty nor the constraint of a later
+    module that shares it, and the disagreement is reported for each kind."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(5, 3)
+            self.head = nn.Linear(3, 5, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    with pytest.warns(UserWarning) as caught:
+        torchreg.apply_regularization(model, {nn.Embedding: None,
+                                              nn.Linear: (torchreg.L2(0.1), torchreg.MaxNorm(1.0))})
+    text = " ".join(str(w.message) for w in caught)
+    assert "embed.weight is shared by modules whose rules disagree" in text
+    assert "so it is not regularized" in text and "so it is not constrained" in text
+    assert not torchreg.is_regularized(model.embed)
+    with pytest.raises(ValueError, match="disagree"):
+        torchreg.apply_regularization(Tied(), {nn.Embedding: None, nn.Linear: torchreg.MaxNorm(1.0)}, strict=True)

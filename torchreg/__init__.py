@@ -5,7 +5,8 @@ The regularization gradient (``lam * sign(w)`` for L1, ``lam * w`` for L2, as ``
 they are. Also: Elastic-Net, group lasso and orthogonality penalties, proximal (exactly sparse) L1,
 Elastic-Net and group lasso applied after each optimizer step, penalties on a layer's outputs
 (``ActivityL1``, ``ActivityL2``), rules as plain data, and optimizer parameter groups from the same
-selection, and :func:`is_regularized`. Integrations: ``torchreg.lightning``, ``torchreg.hf`` (imported only when asked for).
+selection, :func:`is_regularized`, and :func:`lambda_max` (the strength from which an L1 or group-lasso
+layer is all zero). Integrations: ``torchreg.lightning``, ``torchreg.hf`` (imported only when asked for).
 
 >>> import torch, torchreg
 >>> net = torch.nn.Sequential(torchreg.L1(torch.nn.Linear(8, 8), lam=1e-4), torch.nn.ReLU(),
@@ -21,6 +22,7 @@ from .groups import param_groups
 from .regularizers import ElasticNet, GroupLasso, L1, L2, Orthogonal, Regularizer
 from .report import Sparsity, Summary, penalty, sparsity, summary
 from .training import configure
+from .tuning import lambda_max
 from .walker import apply_regularization, remove_regularization
 
 __version__ = "0.1.0"
@@ -46,6 +48,7 @@ __all__ = [
     "configure",
     "fisher_diagonal",
     "is_regularized",
+    "lambda_max",
     "param_groups",
     "penalty",
     "remove_regularization",

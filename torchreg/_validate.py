@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["check_hookable", "check_module", "check_strength", "check_positive_int", "describe", "largest"]
+__all__ = ["check_flags", "check_hookable", "check_module", "check_rules_mapping", "check_strength",
+           "check_positive_int", "describe", "largest"]
 
 
 def describe(value: Any) -> str:
@@ -118,3 +119,20 @@ def check_positive_int(value: Any, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return int(value)
+
+
+def check_flags(what: str, **flags: Any) -> None:
+    """Raise ``TypeError`` unless every keyword value is ``True`` or ``False``."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{what}: {name} must be True or False, got {describe(value)}")
+
+
+def check_rules_mapping(what: str, rules: Any) -> None:
+    """Raise ``TypeError`` for a list of rules as a config file holds them (not yet a rules mapping)."""
+    if isinstance(rules, (list, tuple)):
+        raise TypeError(
+            f"{what}: rules must be a mapping from module class or name pattern to regularizer; got a "
+            f"{type(rules).__name__}. A list of {{match: ..., regularizer: ...}} entries, as in a YAML or JSON "
+            "config, is plain data: turn it into rules first with torchreg.rules_from_config(config)"
+        )

@@ -9,17 +9,25 @@ batches do not divide evenly) nor ``trainer.accelerator.scaler`` (the GradScaler
 So the one step is ``torchreg.hf.attach(trainer, rules)`` after building the trainer: it applies the
 rules and adds a callback that reads both from the trainer before each optimizer step's first
 backward.
+
+A callback cannot add to the Trainer's logs either: ``Trainer.log`` appends a copy of ``logs`` to
+``state.log_history`` before ``on_log`` runs, and the ``report_to`` integrations are callbacks that
+may run before ours. So :func:`attach` also wraps ``trainer.log`` on that trainer object (no
+subclass): at the Trainer's logging steps it adds torchreg's keys to ``logs`` before the Trainer
+records them.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
+from . import _metrics
 from ._registry import is_regularized
+from ._validate import check_flags, check_rules_mapping
 from .training import configure
 from .walker import _compile_rules, apply_regularization
 
@@ -49,17 +57,33 @@ def _scaler_of(trainer: Any, optimizer: Any = None) -> Optional[torch.amp.GradSc
 
 
 class RegularizationCallback(transformers.TrainerCallback):
-    """The callback :func:`attach` adds; declares accumulation and the scaler to torchreg.
+    """The callback :func:`attach` adds; declares accumulation and the scaler to torchreg, and logs.
 
     At the start of training and of each optimizer step it passes the trainer's
     ``current_gradient_accumulation_steps`` (``args.gradient_accumulation_steps`` before the first
     step) and the accelerator's GradScaler to :func:`torchreg.configure`, when they changed. It keeps
     only a weak reference to the trainer.
+
+    With ``logging=True`` the Trainer's training logs (every ``logging_steps``, as ``args`` say) get
+    ``reg_penalty``, and with proximal or group rules ``reg_zero_fraction`` and
+    ``reg_zero_group_fraction`` (``log_per_rule=True``: also per rule, ``reg_penalty/L1``, ...), the
+    same keys as ``torchreg.lightning.Regularization``: in ``trainer.state.log_history`` and in every
+    ``report_to`` integration. They are computed at those steps only, read with one host
+    synchronization per log.
     """
 
-    def __init__(self, trainer: Any) -> None:
+    def __init__(self, trainer: Any, rules: Optional[Mapping[Any, Any]] = None, *, strict: bool = False,
+                 logging: bool = True, log_per_rule: bool = False) -> None:
         self._trainer = weakref.ref(trainer)
         self._declared: Any = None
+        self.rules = rules
+        self.strict = strict
+        self.logging = logging
+        self.log_per_rule = log_per_rule
+
+    def __repr__(self) -> str:
+        return (f"torchreg.hf.RegularizationCallback(rules={self.rules!r}, strict={self.strict}, logging={self.logging}, "
+                f"log_per_rule={self.log_per_rule})")
 
     def _declare(self, args: Any, model: Any, optimizer: Any) -> None:
         trainer = self._trainer()
@@ -86,7 +110,32 @@ class RegularizationCallback(transformers.TrainerCallback):
         self._declare(args, model, optimizer)
 
 
-def attach(trainer: Any, rules: Optional[Mapping[Any, Any]] = None, *, strict: bool = False) -> RegularizationCallback:
+class _Log:
+    """``trainer.log`` on a trainer :func:`attach` was called on: adds the active callbacks' values to a
+    training log (``trainer.control.should_log`` is set while the Trainer logs a training step, and
+    cleared by its ``on_log``: evaluation and end-of-training logs get nothing), then logs as before."""
+
+    def __init__(self, trainer: Any) -> None:
+        self._trainer = weakref.ref(trainer)
+        original = trainer.log
+        # the class's method is kept unbound, so that the trainer does not refer to itself through us
+        self._method = original.__func__ if getattr(original, "__self__", None) is trainer else None
+        self._other = None if self._method is not None else original
+
+    def __call__(self, logs: Dict[str, float], *args: Any, **kwargs: Any) -> Any:
+        trainer = self._trainer()
+        if trainer is not None and getattr(trainer.control, "should_log", False):
+            callback = next((c for c in trainer.callback_handler.callbacks
+                             if isinstance(c, RegularizationCallback) and c.logging), None)
+            if callback is not None:
+                logs.update(_metrics.values(trainer.model, callback.log_per_rule))
+        if self._method is not None:
+            return self._method(trainer, logs, *args, **kwargs)
+        return self._other(logs, *args, **kwargs)
+
+
+def attach(trainer: Any, rules: Optional[Mapping[Any, Any]] = None, *, strict: bool = False, logging: bool = True,
+           log_per_rule: bool = False) -> RegularizationCallback:
     """Regularize ``trainer.model`` by ``rules`` and keep torchreg in step with the trainer.
 
     Call it once, after building the ``transformers.Trainer`` and before ``trainer.train()``. With
@@ -98,6 +147,11 @@ def attach(trainer: Any, rules: Optional[Mapping[Any, Any]] = None, *, strict: b
     gradients equal those of ``loss + penalty`` with accumulation, ``max_grad_norm`` clipping, bf16
     and fp16.
 
+    At the Trainer's logging steps (``logging_steps``) the training logs get ``reg_penalty`` (the
+    total penalty) and, with proximal or group rules, ``reg_zero_fraction`` and
+    ``reg_zero_group_fraction``: in ``trainer.state.log_history`` and every ``report_to`` integration
+    (see :class:`RegularizationCallback`). ``trainer.log`` is wrapped on this trainer object for that.
+
     GPT-2 and other models built on transformers' ``Conv1D``: ``nn.Linear`` rules do not match it (it
     is no subclass); use :data:`LINEAR_LAYERS` as the key, or the default selection (``params=None``
     selects a ``Conv1D``'s ``weight`` as any layer's).
@@ -106,6 +160,8 @@ def attach(trainer: Any, rules: Optional[Mapping[Any, Any]] = None, *, strict: b
         trainer: a ``transformers.Trainer`` (or subclass).
         rules: an :func:`torchreg.apply_regularization` rules mapping, or ``None``.
         strict: passed to :func:`torchreg.apply_regularization`.
+        logging: add the penalty and sparsity to the Trainer's training logs (keyword only).
+        log_per_rule: also per rule (keyword only).
 
     Returns:
         The callback added to ``trainer`` (``trainer.remove_callback(callback)`` takes it off).
@@ -127,6 +183,9 @@ def attach(trainer: Any, rules: Optional[Mapping[Any, Any]] = None, *, strict: b
     """
     if not isinstance(trainer, transformers.Trainer):
         raise TypeError(f"attach expects a transformers.Trainer, got {trainer!r} ({type(trainer).__name__})")
+    check_flags("torchreg.hf.attach", strict=strict, logging=logging, log_per_rule=log_per_rule)
+    if rules is not None:
+        check_rules_mapping("torchreg.hf.attach", rules)
     model = trainer.model
     if rules is None:
         if not is_regularized(model):
@@ -137,6 +196,8 @@ def attach(trainer: Any, rules: Optional[Mapping[Any, Any]] = None, *, strict: b
     else:
         _compile_rules(rules)
         apply_regularization(model, rules, strict=strict)
-    callback = RegularizationCallback(trainer)
+    callback = RegularizationCallback(trainer, rules, strict=strict, logging=logging, log_per_rule=log_per_rule)
     trainer.add_callback(callback)
+    if not isinstance(trainer.__dict__.get("log"), _Log):
+        trainer.log = _Log(trainer)
     return callback

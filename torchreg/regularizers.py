@@ -142,7 +142,7 @@ class Regularizer(Rule):
 
     @property
     def is_zero(self) -> bool:
-        """True when every strength is 0: the gradient is left exactly as it is."""
+        """Whether every strength is 0 (then the gradient is left exactly as it is)."""
         return all(getattr(self, name) == 0.0 for name in self._strengths)
 
     def _adder(self, alpha: float, scale: Optional[Tensor]) -> Optional[Adder]:
@@ -179,13 +179,13 @@ class Regularizer(Rule):
     # -- proximal mode (torchreg/_after_step.py says when and with which step) ---------------------
     @property
     def proximal(self) -> bool:
-        """True: nothing is added at backward; after each optimizer step the parameter is replaced by
-        :meth:`prox_` (see ``torchreg/_after_step.py``). Fixed at construction."""
+        """Whether the rule is proximal (fixed at construction). If so, nothing is added at backward, and
+        after each optimizer step the parameter is replaced by :meth:`prox_` (see ``torchreg/_after_step.py``)."""
         return self.__dict__.get("proximal", False)
 
     @property
     def acts_after_step(self) -> bool:
-        """True when the after-step hooks act on this rule's parameters (a proximal regularizer)."""
+        """Whether the after-step hooks act on this rule's parameters (for a regularizer, whether it is proximal)."""
         return self.proximal
 
     def prox_(self, param: Tensor, step: Any) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Set
+from typing import Any, Dict, Iterable, List, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +12,7 @@ from ._anchor import at_center
 from ._tracking import is_lazy, state_kw
 from ._select import EXCLUDED, default_weights
 from ._validate import check_module
+from .regularizers import L1, ElasticNet
 
 __all__ = ["penalty", "summary", "Summary", "sparsity", "Sparsity"]
 
@@ -66,7 +67,10 @@ class Summary:
 
     Each record has the keys ``module`` (qualified path), ``type``, ``rule`` (which rule matched,
     in rule order), ``regularizer`` (its repr, or ``None`` for a skipped module), ``parameters`` (the
-    covered names), ``numel``, ``penalty`` (a float) and ``note`` (why a module was skipped). A weight
+    covered names), ``numel``, ``penalty`` (a float), ``note`` (why a module was skipped; which of its
+    parameters are tied to others, or frozen) and ``tied`` (``{parameter: [the other qualified names of the same
+    tensor]}`` for the parameters of the row that are shared, e.g. ``{'weight':
+    ['transformer.wte.weight']}`` on GPT-2's ``lm_head`` row; ``{}`` when none is). A weight
     constraint (``torchreg.MaxNorm``, ...) has rows of its own (after a module's penalty row), with
     ``regularizer`` the constraint's repr, ``penalty`` ``None`` and the note
     ``"constraint, after each optimizer step"``.
@@ -126,7 +130,8 @@ class Summary:
 def summary(module: nn.Module) -> Summary:
     """A table of what is regularized in ``module``, one row per regularized or skipped module.
 
-    Rows come in the order the model's modules were walked; ``rule`` says which rule matched first.
+    Rows come in the order of ``module.named_modules()`` (a module's weight row before its activity row);
+    ``rule`` says which rule matched first.
     The lines after the table say which weights no rule covers, by module type ("not covered: 48
     weights of Conv1D (1,769,472 elements)"), so that a rule that missed a kind of layer shows at once;
     :attr:`Summary.uncovered` gives the same as dicts.
@@ -172,18 +177,54 @@ def summary(module: nn.Module) -> Summary:
                 r["parameters"].append(leaf)
                 if constraint:
                     r["note"] = _constraint_unit.NOTE
+                elif not entry.param.requires_grad:  # covered, but no hook until it is trained
+                    frozen = f"{leaf} frozen (requires_grad=False): no gradient term until it is trained"
+                    r["note"] = f"{r['note']}; {frozen}" if r["note"] else frozen
                 if not is_lazy(entry.param):
                     r["numel"] += entry.param.numel()
                     if not constraint:
                         r["penalty"] = (r["penalty"] or 0.0) + float(unit.entry_penalty(entry))
         for skip in unit.skipped:
             row(skip.name, skip.module_type, skip.origin, None)["note"] = skip.reason
+        _note_ties(unit.root, base, rows.values())
         order = {name: i for i, (name, _) in enumerate(unit.root.named_modules())}
         records.extend(sorted(rows.values(), key=lambda r: order.get(r.pop("_path"), -1)))
-    records.extend(_activity_engine.summary_records(module))  # activity rows, penalty None
+    for record in _activity_engine.summary_records(module):  # activity rows, penalty None
+        records.append(dict(record, tied={}))
     position = {name: i for i, name in enumerate(prefixes.values())}
     records.sort(key=lambda r: position.get(r["module"], len(position)))  # module order, whatever the kind
     return Summary(records, _uncovered(module))
+
+
+def _note_ties(root: nn.Module, base: str, rows: Iterable[Dict[str, Any]]) -> None:
+    """Fill each row's ``tied`` and add "weight tied to lm_head.weight" to its note, for the parameters
+    the row is about (those it covers; every parameter inside an excluded module) that other names share."""
+    names: Dict[int, List[str]] = {}
+    for name, p in root.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(".".join(n for n in (base, name) if n))
+    for r in rows:
+        r["tied"] = {}
+        if not any(len(v) > 1 for v in names.values()):
+            continue
+        try:
+            owner = root.get_submodule(r["_path"])
+        except AttributeError:  # the model's structure changed since
+            continue
+        if r["note"] == EXCLUDED:
+            about = list(owner.named_parameters())
+        else:
+            about = [(leaf, owner._parameters[leaf]) for leaf in r["parameters"] if leaf in owner._parameters]
+            leaf, _, _ = r["note"].partition(" tied to ")
+            if leaf in owner._parameters and " tied to " in r["note"]:  # a tied parameter skipped here
+                about.append((leaf, owner._parameters[leaf]))
+        for leaf, p in about:
+            full = ".".join(n for n in (r["module"], leaf) if n)
+            others = [n for n in names.get(id(p), ()) if n != full]
+            if others:
+                r["tied"][leaf] = others
+                if f"{leaf} tied to " not in r["note"]:
+                    tie = f"{leaf} tied to {', '.join(others)}"
+                    r["note"] = f"{r['note']}; {tie}" if r["note"] else tie
 
 
 def _uncovered(module: nn.Module) -> List[Dict[str, Any]]:
@@ -223,14 +264,26 @@ class Sparsity:
 
     Each record has the keys ``parameter`` (qualified name), ``regularizer`` (its repr), ``numel``,
     ``zeros`` (elements exactly 0; for a rule with a ``center=``, elements exactly equal to their
-    center), ``zero_fraction``, and for a group regularizer ``groups``,
-    ``zero_groups`` and ``zero_group_fraction`` (``None`` otherwise).
+    center, and likewise for the slices below), ``zero_fraction``; for a group regularizer ``groups``,
+    ``zero_groups``, ``zero_group_fraction`` and ``zero_group_indices`` (the indices along its ``dim``
+    of the groups that are exactly zero); and for a parameter with at least 2 dimensions
+    ``zero_outputs`` and ``zero_inputs``: the indices along dim 0 and dim 1 whose whole slice
+    (``w[i]``, ``w[:, j]``) is exactly zero. For an ``nn.Linear`` or ``nn.Conv*d`` weight these are the
+    output units no input reaches and the input features (channels) the layer no longer reads;
+    transformers' ``Conv1D`` stores its weight transposed, ``(in, out)``, so there dim 0 is its inputs.
+    Keys that do not apply are ``None``; in :attr:`total` the index lists are ``None``.
+
+    ``notes``: one line per gradient-mode ``L1`` / ``ElasticNet`` parameter without a single exact
+    zero (a gradient term makes weights oscillate around zero, never land on it: exact zeros need
+    ``proximal=True``); ``str()`` prints them under the table.
     """
 
-    columns = ("parameter", "regularizer", "numel", "zeros", "zero_fraction", "groups", "zero_groups")
+    columns = ("parameter", "regularizer", "numel", "zeros", "zero_fraction", "groups", "zero_groups",
+               "zero_outputs", "zero_inputs")
 
-    def __init__(self, records: List[Dict[str, Any]]) -> None:
+    def __init__(self, records: List[Dict[str, Any]], notes: Sequence[str] = ()) -> None:
         self.records = records
+        self.notes = list(notes)
         numel = sum(r["numel"] for r in records)
         zeros = sum(r["zeros"] for r in records)
         grouped = [r for r in records if r["groups"] is not None]
@@ -240,6 +293,7 @@ class Sparsity:
             parameter="total", regularizer=None, numel=numel, zeros=zeros,
             zero_fraction=zeros / numel if numel else 0.0, groups=groups, zero_groups=zero_groups,
             zero_group_fraction=(zero_groups / groups if groups else 0.0) if grouped else None,
+            zero_group_indices=None, zero_outputs=None, zero_inputs=None,
         )
 
     def __len__(self) -> int:
@@ -254,25 +308,41 @@ class Sparsity:
                 return f"{value:.1%}"
             if key == "zero_groups" and record["groups"]:
                 return f"{value} ({record['zero_group_fraction']:.1%})"
+            if key in ("zero_outputs", "zero_inputs"):
+                return str(len(value))
             return str(value)
 
         lines = _table(self.columns, [[cell(r, c) for c in self.columns] for r in self.records + [self.total]])
         lines.insert(len(lines) - 1, lines[1])  # a rule above the total
-        return "\n".join(lines)
+        return "\n".join(lines + self.notes)
 
     __repr__ = __str__
 
 
+def _zero_slices(p: Tensor, dim: int) -> List[int]:
+    """The indices along ``dim`` whose slice of ``p`` is exactly zero."""
+    nonzero = (p != 0).movedim(dim, 0).reshape(p.shape[dim], -1).any(1)
+    return (~nonzero).nonzero().flatten().tolist()
+
+
 def sparsity(module: nn.Module) -> Sparsity:
-    """How sparse the regularized parameters of ``module`` are: exact zeros, and zero groups.
+    """How sparse the regularized parameters of ``module`` are: exact zeros, zero groups, and which
+    output units and input features are entirely zero.
 
     One record per regularized parameter of ``module`` (also those regularized by a call on an
     enclosing module), in the order of ``module.named_parameters()``, and a total. A group regularizer
     (:class:`torchreg.GroupLasso`) also counts its groups that are exactly zero (a pruned neuron, or
-    input feature). Counts are exact: ``w == 0``, no tolerance (proximal regularization makes exact
-    zeros; a gradient term leaves weights oscillating near zero). For a rule toward an anchor
-    (``center=``) the zeros are of ``w - c``: the weights exactly at their center (a proximal L1 with a
-    center leaves most weights exactly at their pretrained values).
+    input feature) and lists their indices. For a parameter with at least 2 dimensions the record lists
+    the indices along dim 0 (``zero_outputs``) and dim 1 (``zero_inputs``) whose slice is all zero: on a
+    first ``nn.Linear`` layer, ``zero_inputs`` are the input features the model no longer reads. The
+    table shows their counts. Counts are exact: ``w == 0``, no tolerance (proximal regularization makes
+    exact zeros; a gradient term leaves weights oscillating near zero, and the table says so when a
+    gradient-mode ``L1`` or ``ElasticNet`` parameter has no exact zero).
+
+    It reads every regularized parameter (a few host synchronizations each): call it to
+    inspect or log, not every step. For a rule toward an anchor (``center=``) the zeros are of
+    ``w - c``: the weights exactly at their center (a proximal L1 with a center leaves most weights
+    exactly at their pretrained values).
 
     Example::
 
@@ -283,34 +353,63 @@ def sparsity(module: nn.Module) -> Sparsity:
         >>> report = torchreg.sparsity(layer)
         >>> {k: report.records[0][k] for k in ("parameter", "zeros", "groups", "zero_groups")}
         {'parameter': 'weight', 'zeros': 3, 'groups': 3, 'zero_groups': 1}
+        >>> report.records[0]["zero_inputs"], report.records[0]["zero_group_indices"]
+        ([1], [1])
         >>> report.total["zero_fraction"]
         0.5
     """
     check_module(module, "sparsity")
-    covered: Dict[int, Any] = {}
-    for unit in _engine.units_in(module):
-        for entry in unit.entries:
-            covered.setdefault(id(entry.param), entry)
     records: List[Dict[str, Any]] = []
+    notes: List[str] = []
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            entry = covered.get(id(p))
-            if entry is None:
-                unit = _engine.owner_of(p)  # regularized by a call on an enclosing module
-                entry = next((e for e in unit.entries if e.param is p), None) if unit is not None else None
-            if entry is None or is_lazy(p):
+        for name, _, entry in covered_parameters(module):
+            p, rule = entry.param, entry.rule
+            if is_lazy(p):
                 continue
-            rule = entry.rule
             center = state_kw(entry, p).get("state", {}).get("center")  # a rule toward an anchor (center=)
             zeros = int((p == 0).sum()) if center is None else at_center(p, center)
             record: Dict[str, Any] = dict(parameter=name, regularizer=repr(rule), numel=p.numel(), zeros=zeros,
                                           zero_fraction=zeros / p.numel() if p.numel() else 0.0,
-                                          groups=None, zero_groups=None, zero_group_fraction=None)
+                                          groups=None, zero_groups=None, zero_group_fraction=None,
+                                          zero_group_indices=None, zero_outputs=None, zero_inputs=None)
             norms = getattr(rule, "group_norms", None)
             if norms is not None:
                 n = norms(p)
                 record["groups"] = n.numel()
-                record["zero_groups"] = int((n == 0).sum())
+                record["zero_group_indices"] = (n == 0).nonzero().flatten().tolist()
+                record["zero_groups"] = len(record["zero_group_indices"])
                 record["zero_group_fraction"] = record["zero_groups"] / n.numel() if n.numel() else 0.0
+            if p.ndim >= 2:
+                offset = p if center is None else p - center  # (toward an anchor: slices at their center)
+                record["zero_outputs"] = _zero_slices(offset, 0)
+                record["zero_inputs"] = _zero_slices(offset, 1)
+            if not zeros and p.numel() and _gradient_l1(rule):
+                notes.append(f"note: {name} has no exact zero: {rule!r} adds a gradient term, around which weights "
+                             f"oscillate; exact zeros need proximal=True ({type(rule).__name__}(..., proximal=True))")
             records.append(record)
-    return Sparsity(records)
+    return Sparsity(records, notes)
+
+
+def covered_parameters(module: nn.Module) -> List[Tuple[str, Any, Any]]:
+    """``(name, unit, entry)`` of every regularized parameter of ``module`` (also those regularized by a
+    call on an enclosing module), in the order of ``module.named_parameters()``."""
+    covered: Dict[int, Tuple[Any, Any]] = {}
+    for unit in _engine.units_in(module):
+        for entry in unit.entries:
+            covered.setdefault(id(entry.param), (unit, entry))
+    found = []
+    for name, p in module.named_parameters():
+        hit = covered.get(id(p))
+        if hit is None:
+            unit = _engine.owner_of(p)  # regularized by a call on an enclosing module
+            entry = next((e for e in unit.entries if e.param is p), None) if unit is not None else None
+            hit = (unit, entry) if entry is not None else None
+        if hit is not None:
+            found.append((name, *hit))
+    return found
+
+
+def _gradient_l1(rule: Any) -> bool:
+    """An L1 or ElasticNet rule with an L1 strength > 0, in gradient mode."""
+    strength = rule.lam if isinstance(rule, L1) else rule.l1 if isinstance(rule, ElasticNet) else 0.0
+    return bool(strength) and not rule.proximal

@@ -170,18 +170,26 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
     constraint or activity rule matched *before* the ``None`` still applies to the module itself). A
     matched module with nothing selected (an activation, a norm layer caught by a pattern) is skipped and listed as such by :func:`torchreg.summary`; a
     rule that matches no module, or selects no parameter in the modules it matches (or only parameters
-    tied to ones covered under a module walked earlier), warns. :func:`torchreg.summary` lists the
-    weights no rule covers, by module type.
+    tied to ones a module walked earlier owns), warns. :func:`torchreg.summary` lists the weights no
+    rule covers, by module type.
+
+    A parameter shared by several modules (GPT-2's ``lm_head.weight`` *is* ``transformer.wte.weight``)
+    is regularized once, under the rule of the first module walked that owns it and whose rule selects
+    it or excludes it: a ``None`` rule is a rule, so excluding the embedding keeps its weight
+    unregularized through the tied head too. A module no rule matched makes no claim. When the rules of
+    the modules sharing a parameter disagree, a warning names the modules and the rule that won
+    (``strict=True`` raises); :func:`torchreg.summary` shows the tie on each of their rows.
 
     The whole model is one unit: whenever a backward reaches any regularized parameter, every
     regularized parameter gets its gradient term once, exactly as ``loss + torchreg.penalty(model)``
-    would give, including branches this forward skipped. A parameter shared by several matched modules
-    (tied embeddings) is regularized once. Parameters of lazy modules are covered once they exist.
+    would give, including branches this forward skipped. Parameters of lazy modules are covered once
+    they exist.
 
     Args:
         model: the model to regularize.
         rules: an ordered mapping from rule key to rule value, as above.
-        strict: raise instead of warning when a rule matches no module or selects no parameter.
+        strict: raise instead of warning when a rule matches no module or selects no parameter, or
+            when the rules of modules sharing a parameter disagree.
 
     Returns:
         ``model``, with its parameters, ``state_dict`` and forward unchanged.
@@ -190,9 +198,9 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
         TypeError: ``model`` is not a module instance, or a rule key or value has the wrong type.
         ValueError: ``model`` is regularized already (applying twice would double the penalty), a
             selected parameter is regularized (or constrained) by another call, a tuple of rules holds
-            two of one kind, or (``strict=True``) a rule matches
-            no module or selects no parameter (none but tied ones covered already). Nothing is
-            changed when it raises.
+            two of one kind, or (``strict=True``) a rule matches no module or selects no parameter
+            (none but tied ones claimed already), or modules sharing a parameter have rules that
+            disagree. Nothing is changed when it raises.
 
     Example::
 
@@ -221,16 +229,16 @@ def apply_regularization(model: M, rules: Mapping[RuleKey, RuleValue], *, strict
     """
     check_hookable(model, "apply_regularization")
     compiled = _compile_rules(rules)
-    entries, skipped, activity, hits, selected, tied, constraints = _plan(model, compiled)
+    entries, skipped, activity, hits, selected, tied, constraints, conflicts = _plan(model, compiled)
     problems = [f"rule {r.label} matched no module" for r, n in zip(compiled, hits) if n == 0] + [
         f"rule {r.label} matched {n} module(s) but selected no parameter of them"
         if not shared else
-        f"rule {r.label} matched {n} module(s) but every parameter it selected is tied to one regularized "
-        f"under a module walked earlier ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}), "
+        f"rule {r.label} matched {n} module(s) but every parameter it selected is tied to one that a module "
+        f"walked earlier regularizes or excludes ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}), "
         "so it regularizes nothing"
         for r, n, k, shared in zip(compiled, hits, selected, tied)
         if n and not k and r.rules is not None
-    ]
+    ] + conflicts
     if problems:
         message = f"apply_regularization on {type(model).__name__}: " + "; ".join(problems)
         if strict:
@@ -274,22 +282,47 @@ class _Plan(NamedTuple):
     activity: List[_activity_engine.ActivityEntry]
     hits: List[int]  # modules each rule matched
     selected: List[int]  # parameters (activity: modules) newly covered by each rule
-    tied: List[List[str]]  # per rule: selected, but covered already under another module
+    tied: List[List[str]]  # per rule: selected, but claimed already under another module
     constraints: List[_engine.Entry]  # constrained parameters, in walk order, a tied one once
+    conflicts: List[str]  # tied parameters whose modules' rules disagree, one sentence each
+
+
+class _Claim(NamedTuple):
+    """The first module walked that owns a parameter and whose rule of one kind selects it, or excludes it."""
+
+    name: str  # the parameter's qualified name under that module
+    module: str  # that module's path
+    rule: _Rule  # the matching rule
+    one: Optional[Rule]  # its rule of the kind claimed; None: excluded
 
 
 def _plan(model: nn.Module, compiled: List[_Rule]) -> _Plan:
     """Walk ``model`` with the compiled rules: the first matching rule of each kind (penalty, activity,
     constraint) wins, ``None`` excludes a module with its submodules, a matched module contributes what
-    its rule selects among the parameters it owns directly, a tied parameter is covered once."""
+    its rule selects among the parameters it owns directly. A tied parameter follows its first claim of
+    each kind: the first module walked whose rule selects it, or excludes it (with the module that owns
+    it)."""
     hits = [0] * len(compiled)
     selected = [0] * len(compiled)  # parameters newly covered by each rule
-    tied: List[List[str]] = [[] for _ in compiled]  # selected, but covered already under another module
+    tied: List[List[str]] = [[] for _ in compiled]  # selected, but claimed already under another module
+    conflicts: List[str] = []
     found: Dict[str, List[_engine.Entry]] = {"penalty": [], "constraint": []}
-    taken: Dict[str, Dict[int, str]] = {"penalty": {}, "constraint": {}}
+    claims: Dict[str, Dict[int, _Claim]] = {"penalty": {}, "constraint": {}}
     skipped: List[_engine.Skipped] = []
     excluded: List[str] = []
     activity: List[_activity_engine.ActivityEntry] = []  # activity rules: a stream of their own
+
+    def claim(kind: str, p: nn.Parameter, name: str, path: str, rule: _Rule, one: Optional[Rule]) -> Optional[_Claim]:
+        """Claim ``p`` for ``one`` (of ``kind``); the earlier claim if there is one (and a conflict if they
+        disagree)."""
+        mine = _Claim(name, path, rule, one)
+        first = claims[kind].setdefault(id(p), mine)
+        if first is mine:
+            return None
+        if _disagree(first.one, one):
+            conflicts.append(_conflict(kind, first, mine))
+        return first
+
     for path, module in model.named_modules():
         if any(_inside(path, prefix) for prefix in excluded):
             continue
@@ -310,9 +343,14 @@ def _plan(model: nn.Module, compiled: List[_Rule]) -> _Plan:
             selected[act] += 1
             activity.append(_activity_engine.ActivityEntry(path, module, compiled[act].of_kind("activity"),
                                                            f"rule {compiled[act].label}"))
-        if exclusion is not None:
+        if exclusion is not None:  # claims every parameter inside, for the module that owns it
+            excluder = compiled[exclusion]
             excluded.append(path)
-            skipped.append(_engine.Skipped(path, kind_name, f"rule {compiled[exclusion].label}", EXCLUDED))
+            skipped.append(_engine.Skipped(path, kind_name, f"rule {excluder.label}", EXCLUDED))
+            for leaf, p in module.named_parameters():
+                name = _join(path, leaf)
+                for kind in ("penalty", "constraint"):
+                    claim(kind, p, name, name.rpartition(".")[0], excluder, None)
         empty: Dict[int, bool] = {}  # rule index -> every kind of it selected nothing here
         for kind in ("penalty", "constraint"):
             index = first[kind]
@@ -323,21 +361,45 @@ def _plan(model: nn.Module, compiled: List[_Rule]) -> _Plan:
             chosen = select(module, one.params, recurse=False)
             empty[index] = empty.get(index, True) and not chosen
             for leaf, p in chosen:
-                name = f"{path}.{leaf}" if path else leaf
-                if id(p) in taken[kind]:
+                name = _join(path, leaf)
+                prior = claim(kind, p, name, path, rule, one)
+                if prior is not None:
                     verb = "regularized" if kind == "penalty" else "constrained"
+                    there = "excluded there" if prior.one is None else f"{verb} once, there"
                     skipped.append(_engine.Skipped(path, kind_name, f"rule {rule.label}",
-                                                   f"{leaf} is {taken[kind][id(p)]}, {verb} once"))
-                    tied[index].append(f"{name} is {taken[kind][id(p)]}")
+                                                   f"{leaf} tied to {prior.name}, {there}"))
+                    tied[index].append(f"{name} is {prior.name}")
                     continue
-                taken[kind][id(p)] = name
                 selected[index] += 1
                 found[kind].append(_engine.Entry(name, p, one, f"rule {rule.label}"))
         for index, nothing in empty.items():
             if nothing and (module._parameters or not module._modules):  # containers are walked into
                 skipped.append(_engine.Skipped(path, kind_name, f"rule {compiled[index].label}",
                                                "selects no parameter here"))
-    return _Plan(found["penalty"], skipped, activity, hits, selected, tied, found["constraint"])
+    return _Plan(found["penalty"], skipped, activity, hits, selected, tied, found["constraint"], conflicts)
+
+
+def _join(path: str, leaf: str) -> str:
+    return f"{path}.{leaf}" if path else leaf
+
+
+def _disagree(a: Optional[Rule], b: Optional[Rule]) -> bool:
+    """Two rules that would treat a parameter differently (equal reprs count as the same rule)."""
+    if a is None or b is None:
+        return a is not b
+    return a is not b and repr(a) != repr(b)
+
+
+def _conflict(kind: str, first: _Claim, later: _Claim) -> str:
+    def says(c: _Claim) -> str:
+        return f"rule {c.rule.label}: " + ("None, excluded" if c.one is None else repr(c.one))
+
+    verb = "regularized" if kind == "penalty" else "constrained"
+    outcome = f"not {verb}" if first.one is None else f"{verb} by {first.one!r}"
+    alias = f" (as {later.name})" if later.name != first.name else ""
+    return (f"{first.name} is shared by modules whose rules disagree: {first.module or '(root)'} ({says(first)}) "
+            f"and {later.module or '(root)'}{alias} ({says(later)}); a tied parameter follows the first module "
+            f"walked that owns it, so it is {outcome} (give {first.module or 'the root'} the rule you want for it)")
 
 
 def _inside(path: str, prefix: str) -> bool:
