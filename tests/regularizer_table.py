@@ -324,6 +324,19 @@ TABLE: List[Row] = [
         skip={"create_graph": "a documented limit (README, activity regularization): under create_graph=True the "
                               "activity term is a constant of the graph, so L2's second derivative lam / batch is "
                               "missing", "retain_graph": _ACTIVITY_RETAIN}),
+    Row("L1-center-init", torchreg.L1, dict(lam=LAM, center="init"), snapshot=True,
+        penalty=lambda w, w0: LAM * (w - w0).abs().sum()),
+    Row("L1-center-init-prox", torchreg.L1, dict(lam=LAM, center="init", proximal=True), snapshot=True,
+        penalty=lambda w, w0: LAM * (w - w0).abs().sum(),
+        after_step=lambda w, s, w0: w0 + soft(w - w0, s * LAM), optimizers=("SGD", "Adam"), bad=(_BAD_PROXIMAL,)),
+    Row("L2-center-init", torchreg.L2, dict(lam=LAM, center="init"), snapshot=True,
+        penalty=lambda w, w0: LAM / 2 * (w - w0).pow(2).sum()),
+    Row("ElasticNet-center-init", torchreg.ElasticNet, dict(l1=L1_, l2=L2_, center="init"), snapshot=True,
+        penalty=lambda w, w0: L1_ * (w - w0).abs().sum() + L2_ / 2 * (w - w0).pow(2).sum()),
+    Row("ElasticNet-center-init-prox", torchreg.ElasticNet, dict(l1=L1_, l2=L2_, center="init", proximal=True),
+        snapshot=True, penalty=lambda w, w0: L1_ * (w - w0).abs().sum() + L2_ / 2 * (w - w0).pow(2).sum(),
+        after_step=lambda w, s, w0: w0 + soft(w - w0, s * L1_) / (1 + s * L2_), optimizers=("SGD", "Adam"),
+        bad=(_BAD_PROXIMAL,)),
     Row("LogCosh-user-defined", LogCosh, dict(lam=LAM), penalty=lambda w: LAM * torch.log(torch.cosh(w)).sum()),
     # Penalties toward each weight's value when the rule was applied (center="init": L2-SP, sparse deltas).
     Row("L2-center-init", torchreg.L2, dict(lam=LAM, center="init"), snapshot=True,

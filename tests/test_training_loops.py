@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import os
 import socket
 import traceback
@@ -711,6 +712,38 @@ def spawn_ranks(worker: Any, out: Any, world: int = WORLD) -> List[Any]:
         pytest.skip("torch.distributed is not available")
     mp.spawn(worker, args=(_free_port(), str(out)), nprocs=world, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def cases_worker(module: str, cases: str, run: str, rank: int, port: int, out_dir: str) -> None:
+    """A :func:`spawn_ranks` worker for a test module's table of cases: every rank runs each case of
+    ``module.<cases>`` (a list, or a function returning one) with ``module.<run>(case, rank)``, a barrier
+    after each, and saves ``{case.id: result}`` (``{"crash": traceback}`` for a case that raised)."""
+    import importlib
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    table = getattr(importlib.import_module(module), cases)
+    runner = getattr(importlib.import_module(module), run)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    results: Dict[str, Any] = {}
+    try:
+        for case in table() if callable(table) else table:
+            try:
+                results[case.id] = runner(case, rank)
+            except Exception:
+                results[case.id] = {"crash": traceback.format_exc()}
+            dist.barrier()
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def spawn_cases(module: str, out: Any, cases: str = "CASES", run: str = "run_case") -> List[Any]:
+    """:func:`spawn_ranks` with :func:`cases_worker` over ``module``'s table of cases."""
+    return spawn_ranks(functools.partial(cases_worker, module, cases, run), out)
 
 
 @pytest.fixture(scope="module")
