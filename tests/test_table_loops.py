@@ -148,11 +148,6 @@ def test_autograd_grad_changes_no_grad(row: Row) -> None:
     train(model, ref, steps=1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "torchreg regression (torchreg/_tracking.py, _FirstForward): until each covered module's first forward, "
-    "torchreg holds a global module forward hook (register_module_forward_hook), so torch.compile(model) of a "
-    "freshly regularized model warns 'Using torch.compile(module) when there are global hooks on modules' on "
-    "the documented path (regularize, compile, train)"))
 def test_compiling_a_regularized_model_warns_nothing(dynamo_reset: None) -> None:
     warned = []
     for row in TABLE:
