@@ -158,8 +158,7 @@ class Unit:
         self.grad_scaler = None  # a pickled model is reconfigured with its new scaler
         self._init_transient()
         self.tracker.hook_ready(self)  # (the root may still be unpickling: its hooks are left to the first step)
-        self._register()
-        self.tracker.watch(self)
+        self._register()  # (the first-forward watchers, if still there, come back with the modules)
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "Unit":
         new = Unit.__new__(Unit)

@@ -9,8 +9,8 @@
 * A rule's per-parameter state follows its parameter's device and dtype (:func:`state_kw`).
 * Parameters replaced otherwise (``to_empty`` from the meta device, FSDP2's ``fully_shard``,
   Accelerate's preparation, an assignment) are found before the first backward, at the first forward
-  of the unit's root (:class:`_FirstForward`, a forward hook on the root that exists only until the
-  unit has run a backward or seen an optimizer step): exact from the first backward, in either order
+  of each module holding them (:class:`_FirstForward`, a forward hook there that exists only until that
+  module's first forward with gradients, or the unit's first backward or optimizer step): exact from the first backward, in either order
   of torchreg and sharding. There, too, FSDP1 and DeepSpeed ZeRO wrapping applied after torchreg is
   refused (``_distributed.refusal``), and FSDP2's unsharded parameters get their hooks
   (``_distributed.hook_unsharded``).
@@ -72,18 +72,26 @@ class _LazyWatch:
 
 
 class _FirstForward:
-    """Forward hook on a unit's root from install (or unpickling) until the unit's first backward or
-    optimizer step: after each forward, outside ``torch.compile``, :meth:`ParamTracker.on_forward`
-    checks the unit's entries, before the backward that needs their hooks. (A hook on the root, not a
-    global module hook: ``torch.compile(model)`` warns when global module hooks exist.)"""
+    """Forward hook on each module that holds covered parameters, from install until that
+    module's first forward with gradients enabled, or the unit's first backward or optimizer step: after
+    the forward, outside ``torch.compile``, :meth:`ParamTracker.on_forward` checks the module's entries,
+    before the backward that needs their hooks. On the holding modules, not on the root: a trainer may
+    never call the root's forward (Lightning calls ``training_step``); and not a global module hook:
+    ``torch.compile(model)`` warns when global module hooks exist."""
 
-    def __init__(self, unit: Any) -> None:
+    def __init__(self, unit: Any, indices: List[int]) -> None:
         self.unit = unit
+        self.indices = indices
+        self.handle: Any = None
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():  # (the first optimizer step checks then)
             return
-        self.unit.tracker.on_forward(self.unit, range(len(self.unit.entries)))
+        tracker = self.unit.tracker
+        tracker.on_forward(self.unit, self.indices)
+        if torch.is_grad_enabled() and self in tracker.first_hooks:  # (a forward under no_grad leads to no backward)
+            tracker.first_hooks.remove(self)
+            self.handle.remove()
 
 
 class _Rebind:
@@ -101,24 +109,24 @@ class _Rebind:
 class ParamTracker:
     """The hook handles of a unit's entries, and the watchers that keep them on the right parameters."""
 
-    __slots__ = ("handles", "lazy_handle", "load_handle", "reach", "first_handle")
+    __slots__ = ("handles", "lazy_handle", "load_handle", "reach", "first_hooks")
 
     def __init__(self) -> None:
         self.handles: Dict[int, Any] = {}
         self.lazy_handle: Any = None
         self.load_handle: Any = None
         self.reach: Dict[int, Tuple[Any, Any]] = {}  # entry -> (FSDP2's unsharded parameter, weakly; handle)
-        self.first_handle: Any = None  # the _FirstForward hook on the root, until the first backward
+        self.first_hooks: List[_FirstForward] = []  # on the modules holding entries, until the first backward
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {"lazy_handle": self.lazy_handle, "load_handle": self.load_handle, "first_handle": self.first_handle}
+        return {"lazy_handle": self.lazy_handle, "load_handle": self.load_handle, "first_hooks": self.first_hooks}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.handles = {}
         self.reach = {}
         self.lazy_handle = state["lazy_handle"]
         self.load_handle = state["load_handle"]
-        self.first_handle = state.get("first_handle")
+        self.first_hooks = state.get("first_hooks", [])
 
     def install(self, unit: Any) -> None:
         self.register_ready(unit)
@@ -127,15 +135,24 @@ class ParamTracker:
 
     def watch(self, unit: Any) -> None:
         """Check the unit's parameters at forwards until its first backward or optimizer step."""
-        if self.first_handle is None:  # (an unpickled root keeps the hook it was pickled with)
-            self.first_handle = unit.root.register_forward_hook(_FirstForward(unit))
+        holders: Dict[int, Tuple[nn.Module, List[int]]] = {}
+        for i, entry in enumerate(unit.entries):
+            try:
+                module = unit.root.get_submodule(entry.name.rpartition(".")[0])
+            except AttributeError:
+                continue
+            holders.setdefault(id(module), (module, []))[1].append(i)
+        for module, indices in holders.values():
+            hook = _FirstForward(unit, indices)
+            hook.handle = module.register_forward_hook(hook)
+            self.first_hooks.append(hook)
 
     def opened(self, unit: Any) -> None:
         """The unit's first backward began (or its first optimizer step, or it is removed): stop
         watching forwards."""
-        if self.first_handle is not None:
-            self.first_handle.remove()
-            self.first_handle = None
+        hooks, self.first_hooks = self.first_hooks, []
+        for hook in hooks:
+            hook.handle.remove()
 
     def on_forward(self, unit: Any, indices: Sequence[int]) -> None:
         """After the forward of a module holding ``unit.entries[i]``, ``i`` in ``indices``, before the first
@@ -158,7 +175,8 @@ class ParamTracker:
         for _, handle in self.reach.values():
             handle.remove()
         self.reach.clear()
-        for name in ("lazy_handle", "load_handle", "first_handle"):
+        self.opened(None)
+        for name in ("lazy_handle", "load_handle"):
             handle = getattr(self, name)
             if handle is not None:
                 handle.remove()
