@@ -837,38 +837,18 @@ DIST_CASE_IDS = ["ddp-adam-maxnorm-nonneg", "ddp-sgd-prox-then-unitnorm", "ddp-r
                  "fsdp2-unit-and-minmax-whole-model"]
 
 
-def _dist_worker(rank: int, port: int, out_dir: str) -> None:
-    import datetime
-    import os
-    import traceback
-    import warnings
-
-    import torch.distributed as dist
+def _run_dist_case(case, rank):
     from test_prox_distributed import run_case
-    from test_training_loops import WORLD
 
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    results = {}
-    try:
-        for case in _dist_cases():
-            try:
-                results[case.id] = run_case(case, rank)
-            except Exception:
-                results[case.id] = {"crash": traceback.format_exc()}
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    return run_case(case, rank)
 
 
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
-    from test_training_loops import spawn_ranks
+    from test_training_loops import spawn_cases
 
-    return spawn_ranks(_dist_worker, tmp_path_factory.mktemp("constraints_dist"))
+    return spawn_cases(__name__, tmp_path_factory.mktemp("constraints_dist"), cases="_dist_cases",
+                       run="_run_dist_case")
 
 
 @pytest.mark.parametrize("case_id", DIST_CASE_IDS)

@@ -8,10 +8,6 @@ concatenated data (the same optimizer and regularizers, one process).
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import os
-import traceback
-import warnings
 from typing import Any, Callable, Dict, List
 
 import pytest
@@ -19,7 +15,7 @@ import torch
 from torch import nn
 
 import torchreg
-from test_training_loops import WORLD, _full, _fully_shard, spawn_ranks
+from test_training_loops import WORLD, _full, _fully_shard, spawn_cases
 
 STEPS = 4
 ROWS = 8  # per rank and step
@@ -110,29 +106,9 @@ def run_case(case: Case, rank: int) -> Dict[str, Any]:
     return record
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    results: Dict[str, Any] = {}
-    try:
-        for case in CASES:
-            try:
-                results[case.id] = run_case(case, rank)
-            except Exception:
-                results[case.id] = {"crash": traceback.format_exc()}
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> List[Dict[str, Any]]:
-    return spawn_ranks(worker, tmp_path_factory.mktemp("prox_ddp"))
+    return spawn_cases(__name__, tmp_path_factory.mktemp("prox_ddp"))
 
 
 def reference(case: Case) -> List[Dict[str, torch.Tensor]]:

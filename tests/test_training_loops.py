@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import os
 import socket
 import traceback
@@ -577,7 +578,7 @@ class DDPCase:
     k: int = 1  # micro-batches per rank per step; the first k-1 under no_sync()
     branch: bool = False  # Branchy: head b used on rank 0 only
     fsdp: bool = False  # fully_shard (FSDP2) each Linear and the root instead of DDP
-    regularize_first: bool = False  # FSDP2: torchreg applied before fully_shard (the wrong order)
+    regularize_first: bool = False  # FSDP2: torchreg applied before fully_shard
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int) -> torch.Tensor:
         out = model(x, rank == 0) if self.branch else model(x)
@@ -598,8 +599,8 @@ DDP_CASES = [
             BRANCHY_TERMS, dict(find_unused_parameters=True), branch=True),
     DDPCase("fsdp2-fully_shard-then-regularize", make_ddp_mlp, _regularize_mlp, TERMS, fsdp=True),
     DDPCase("fsdp2-accumulation-k2", make_ddp_mlp, _regularize_mlp, TERMS, fsdp=True, k=2),
-    # The wrong order: fully_shard replaces the regularized parameters, so the first step gets no term;
-    # torchreg warns at that step and follows the sharded parameters from the second step on.
+    # The other order: fully_shard replaces the regularized parameters; torchreg finds the sharded ones
+    # at the first forward, before the first backward: exact from the first step, no warning.
     DDPCase("fsdp2-regularize-then-fully_shard", make_ddp_mlp, _regularize_mlp, TERMS, fsdp=True,
             regularize_first=True),
     # Head b is its own unit (torchreg.ElasticNet(model.b, ...)) and is used on rank 0 only: rank 1's
@@ -713,6 +714,38 @@ def spawn_ranks(worker: Any, out: Any, world: int = WORLD) -> List[Any]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
+def cases_worker(module: str, cases: str, run: str, rank: int, port: int, out_dir: str) -> None:
+    """A :func:`spawn_ranks` worker for a test module's table of cases: every rank runs each case of
+    ``module.<cases>`` (a list, or a function returning one) with ``module.<run>(case, rank)``, a barrier
+    after each, and saves ``{case.id: result}`` (``{"crash": traceback}`` for a case that raised)."""
+    import importlib
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    table = getattr(importlib.import_module(module), cases)
+    runner = getattr(importlib.import_module(module), run)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    results: Dict[str, Any] = {}
+    try:
+        for case in table() if callable(table) else table:
+            try:
+                results[case.id] = runner(case, rank)
+            except Exception:
+                results[case.id] = {"crash": traceback.format_exc()}
+            dist.barrier()
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def spawn_cases(module: str, out: Any, cases: str = "CASES", run: str = "run_case") -> List[Any]:
+    """:func:`spawn_ranks` with :func:`cases_worker` over ``module``'s table of cases."""
+    return spawn_ranks(functools.partial(cases_worker, module, cases, run), out)
+
+
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> List[Dict[str, Any]]:
     """Spawn 2 processes once; each runs every DDP case and saves its grads and params per step."""
@@ -739,8 +772,7 @@ def _single_process_reference(case: DDPCase) -> List[Tuple[Dict[str, Any], Dict[
             x = torch.cat([x for shard in shards for x, _ in shard])
             y = torch.cat([y for shard in shards for _, y in shard])
             loss = case.loss(reference, x, y, 0)
-        penalized = not (case.regularize_first and step == 0)  # see DDPCase.regularize_first
-        (loss + penalty_of(reference, case.terms) if penalized else loss).backward()
+        (loss + penalty_of(reference, case.terms)).backward()
         step_grads = grads(reference)
         opt.step()
         out.append((step_grads, {n: p.detach().clone() for n, p in reference.named_parameters()}))
@@ -754,11 +786,8 @@ def test_ddp_matches_single_process_and_ranks_agree(case: DDPCase, ddp_results: 
         assert "error" not in record, f"rank {rank}:\n{record['error']}"
     if case.ddp.get("bucket_cap_mb") == TINY:
         assert per_rank[0]["buckets"] > 1, "the tiny cap must give several buckets"
-    for rank, record in enumerate(per_rank):  # torchreg warns at the first step iff parameters were replaced
-        warned = [bool(w) for w in record["warnings"]]
-        assert warned == [case.regularize_first] + [False] * (len(warned) - 1), (rank, record["warnings"])
-        if case.regularize_first:
-            assert "replaced by new objects" in record["warnings"][0][0], record["warnings"][0]
+    for rank, record in enumerate(per_rank):  # no warning: replaced parameters are found at the first forward
+        assert not any(record["warnings"]), (rank, record["warnings"])
     expected = _single_process_reference(case)
     for step, (want_grads, want_params) in enumerate(expected):
         g0, g1 = (record["grads"][step] for record in per_rank)

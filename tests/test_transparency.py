@@ -165,12 +165,31 @@ def _to_empty_from_meta(model: nn.Module) -> nn.Module:
 
 
 @pytest.mark.parametrize("replace", [_replace_by_assignment, _to_empty_from_meta], ids=["assignment", "to_empty"])
-def test_parameters_replaced_after_regularizing_warn_at_the_first_step_then_are_followed(replace) -> None:
+def test_parameters_replaced_after_regularizing_are_followed_from_the_first_backward(replace) -> None:
+    """Replaced before the first forward (``to_empty`` from meta, an assignment): found at that forward,
+    exact from the first backward, no warning."""
     source = make_model(seed=1)
     model = replace(regularize(bare_copy(source)))
     ref = bare_copy(source)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    loss_fn(model).backward()  # before the first step: the replaced weights got no term
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_regularizes_exactly(model, ref)
+        opt.step()
+        assert_regularizes_exactly(model, ref)
+
+
+def test_parameters_replaced_after_the_first_backward_warn_at_the_first_step_then_are_followed() -> None:
+    """Replaced after a backward already ran: the backward after it added no term to the new one (found
+    at the first step only, with a warning), and from then on it is followed."""
+    source = make_model(seed=1)
+    model = regularize(bare_copy(source))
+    ref = bare_copy(source)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss_fn(model).backward()
+    _replace_by_assignment(model)
+    model.zero_grad()
+    loss_fn(model).backward()  # the replaced weight got no term
     with pytest.warns(UserWarning, match=r"torchreg: \d+ regularized parameter\(s\) of .* replaced by new objects"):
         opt.step()
     assert_regularizes_exactly(model, ref)

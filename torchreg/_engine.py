@@ -16,7 +16,12 @@ backward pass:
 * The unit's end-of-backward step (``_session``: queued by the first hook of a backward, after DDP's
   own callbacks) adds the term to the unit's parameters that this backward did not reach (a branch the
   forward skipped), so a unit is regularized as a whole, as ``loss + penalty`` would. Under a
-  multi-rank process group every term is added there, after the gradients are averaged (``_distributed``).
+  multi-rank process group every plain parameter's term is added there, after DDP averaged the
+  gradients; a sharded parameter's (FSDP2) in its hook, which FSDP2 runs after averaging, on the local
+  shard; one whose sharded hook did not run (no gradient sync on this backward) at the end
+  (``_distributed``).
+* torchreg's hook runs before the parameter's other post-accumulate-grad hooks (``_tracking``), so
+  that an optimizer stepped in a hook (optimizer-in-backward) reads the gradient with the term.
 * The hooks refer to their unit weakly (a tensor's hooks are invisible to Python's garbage collector);
   the unit lives as long as the module it was applied to, so a dropped model is freed.
 * Each term is multiplied by ``1 / accumulation_steps`` and by the grad scaler's current scale (a
@@ -42,7 +47,7 @@ from torch import Tensor, nn
 
 from . import _after_step, _registry
 from . import _torch_private as private
-from ._distributed import DistributedSweep, distributed
+from ._distributed import DistributedSweep, deferred, distributed, elementwise_on_shards, is_sharded, local
 from ._guards import AccumulationGuard, StepCounter
 from ._ops import Adder
 from ._session import Session, Sessions
@@ -135,7 +140,10 @@ class Unit:
         self._alpha = 1.0
         self._scale: Optional[Tensor] = None
         self._scales: Dict[torch.device, Tensor] = {}
-        self._deferred = False
+        self._deferred = False  # some entry's term waits for the end of backward (DDP)
+        self._dist = False  # the backward in progress runs under a multi-rank process group
+        self._nodefer = [False] * len(self.entries)
+        self._defer = self._nodefer  # per entry (see _on_open)
         self._rules = list({id(e.rule): e.rule for e in self.entries}.values())
         self._none: List[Optional[Adder]] = [None] * len(self.entries)
         self._adders = self._none  # per entry, for the backward in progress; None: take Unit._add
@@ -151,6 +159,7 @@ class Unit:
         self._init_transient()
         self.tracker.hook_ready(self)  # (the root may still be unpickling: its hooks are left to the first step)
         self._register()
+        self.tracker.watch(self)
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "Unit":
         new = Unit.__new__(Unit)
@@ -177,6 +186,7 @@ class Unit:
         _after_step.track(self)
 
     def uninstall(self) -> None:
+        self.tracker.opened(self)  # (stops watching forwards)
         DistributedSweep.live.discard(self)
         StepCounter.forget(self)
         _after_step.untrack(self)
@@ -199,6 +209,7 @@ class Unit:
         _registry.release(self, KIND, [entry.param])
         self.entries[index] = entry._replace(param=param)
         _registry.claim(self, KIND, [param])
+        self._cached = (None, self._none)  # the adders depend on the parameter's kind (sharded or not)
 
     def _check_replaced(self) -> None:
         self.tracker.check(self)
@@ -207,11 +218,14 @@ class Unit:
     def _on_open(self) -> None:
         """A backward begins: this backward's factors and adders."""
         self._read_factors()
-        self._deferred = distributed()
+        self.tracker.opened(self)
+        self._dist = distributed()
+        self._defer = deferred(self.entries) if self._dist else self._nodefer
+        self._deferred = any(self._defer)
         self._adders = self._build_adders()
 
     def _on_owned(self, task: int) -> None:
-        if self._deferred:
+        if self._dist:
             DistributedSweep.begin(self, task)
 
     def _on_end(self, session: Session) -> None:
@@ -221,35 +235,39 @@ class Unit:
             seen = self.sessions.seen
             if self._deferred or len(seen) < self.hooked:
                 self.tracker.register_ready(self)  # parameters unfrozen since the last backward
+                defer = self._defer
                 for i, entry in enumerate(self.entries):
                     p = entry.param
-                    if ((self._deferred or i not in seen) and p.requires_grad and not is_lazy(p)
+                    if ((defer[i] or i not in seen) and p.requires_grad and not is_lazy(p)
                             and (listed is None or listed(p))):
                         self._add(entry, p)
             self.guard.count(self)
         finally:
             self._scales = {}
             self._adders = self._none  # (drops the references to a grad scaler's scale)
+            self._defer = self._nodefer
 
     # -- adding terms ---------------------------------------------------------------------------
     def _on_grad(self, index: int, param: Tensor) -> None:
         """The hook's uncommon cases: no or a sparse gradient, a scale on another device, a rule
-        without an adder; under a process group, nothing until the end."""
-        if not self._deferred:
+        without an adder, a sharded parameter; under DDP, nothing until the end."""
+        if not self._defer[index]:
             self._add(self.entries[index], param)
 
     def _build_adders(self) -> List[Optional[Adder]]:
         """Each entry's adder for this backward (None: the hook calls :meth:`_add`). Rebuilt only when
         a strength or a factor changed; with a grad scaler, every backward (parameters may have moved
         to another device than the scale's since the last one)."""
-        if self._deferred:
+        if self._deferred and all(self._defer):
             return self._none
         scale = self._scale
-        key = (self._alpha, [rule._strength_values() for rule in self._rules])
+        key = (self._alpha, [rule._strength_values() for rule in self._rules], self._defer)
         if scale is None and key == self._cached[0]:
             return self._cached[1]
         by_rule = {id(rule): rule._adder(self._alpha, scale) for rule in self._rules}
-        adders = [None if e.state is not None else by_rule[id(e.rule)] for e in self.entries]
+        # (a deferred entry, one with state, a sharded parameter: Unit._add)
+        adders = [None if d or e.state is not None or is_sharded(e.param) else by_rule[id(e.rule)]
+                  for d, e in zip(self._defer, self.entries)]
         if scale is None:
             self._cached = (key, adders)
         else:
@@ -281,12 +299,15 @@ class Unit:
             # No gradient yet (a skipped parameter), or a sparse one (nn.Embedding(sparse=True)): the
             # result is dense, as autograd's is when a dense penalty gradient is added to the loss.
             p.grad = g = torch.zeros_like(p) if g is None else g.to_dense()
+        if is_sharded(p) and elementwise_on_shards(entry.rule, p):
+            g, p = local(g), local(p)  # this rank's shard: the kernels work on plain tensors
+        kw = state_kw(entry, p)  # (a rule's state for a sharded parameter is its shard: see _anchor)
         scale = self._scale
         if scale is not None and scale.device != g.device:
             scale = self._scales.get(g.device)
             if scale is None:
                 scale = self._scales[g.device] = self._scale.to(g.device, non_blocking=True)
-        entry.rule.grad_(g, p, self._alpha, scale, **state_kw(entry, p))
+        entry.rule.grad_(g, p, self._alpha, scale, **kw)
 
     # -- reading ---------------------------------------------------------------------------------
     def entry_penalty(self, entry: Entry) -> Tensor:

@@ -65,7 +65,11 @@ def add_elastic_(grad: Tensor, p: Tensor, l1: float, l2: float, scale: Optional[
     buffer per thread: no full-size temporary, whose fresh pages cost several times the kernel itself
     (benchmarks/README.md: a 64 MB tensor 23.3 ms -> 5.0 ms), and each chunk of ``grad`` gets both
     terms while it is in cache. Elementwise, in the same order: bitwise the result of the two updates.
+    DTensors sharded alike (FSDP2's parameter and its gradient) are updated through their local shards.
     """
+    if hasattr(p, "to_local") and hasattr(grad, "to_local") and getattr(p, "placements", None) == getattr(
+            grad, "placements", None):  # DTensors sharded alike (FSDP2): elementwise, shard by shard
+        grad, p = grad.to_local(), p.to_local()
     if not _large_on_cpu(grad, p):
         if l2:
             add_scaled_(grad, p, l2, scale)

@@ -29,6 +29,15 @@ API                                    used for                                 
 .in_compiled_autograd_region``         would not run)
 ``optimizer.found_inf``                a fused optimizer under ``GradScaler.step`` is called  2.4-2.13
                                        even for a skipped step
+``Tensor._post_accumulate_grad_hooks`` torchreg's hook first (:func:`put_first`): autograd     2.13
+(re-inserting its items)               runs them in the dict's insertion order
+``_composable_state                    FSDP2's parameter groups (:func:`fsdp2_params`): the   2.13
+._module_state_mapping``, ``FSDPState  sharded and unsharded parameter of each ``FSDPParam``
+._fsdp_param_groups``, ``FSDPParamGroup
+.fsdp_params``, ``FSDPParam.sharded_param
+/_unsharded_param``
+``_fsdp_flattened`` (FSDP1's           FSDP1 parameters and ``FlatParameter`` (refused)       2.13
+``FSDP_FLATTENED``)
 ``sys._getframe`` /                    reading the frames above
 ``sys._current_frames``
 =====================================  =====================================================  ==========
@@ -44,8 +53,8 @@ from torch import Tensor
 
 __all__ = [
     "FUNCTION_BACKWARD", "RUN_BACKWARD", "SCALER_STEPS", "current_graph_task", "current_frames", "found_inf",
-    "frame", "in_compiled_autograd", "post_accumulate_grad_hooks", "queue_callback", "scaler_scale",
-    "will_execute",
+    "frame", "fsdp1_flattened", "fsdp2_params", "fsdp2_unsharded", "in_compiled_autograd",
+    "post_accumulate_grad_hooks", "put_first", "queue_callback", "scaler_scale", "will_execute",
 ]
 
 #: The id of the graph task (backward pass) running on this thread; -1 outside any.
@@ -97,3 +106,53 @@ def frames_from(start: Any) -> Iterator[Any]:
     while start is not None:
         yield start
         start = start.f_back
+
+
+def put_first(p: Tensor, handle: Any) -> None:
+    """Make the post-accumulate-grad hook of ``handle`` the first of ``p``'s hooks. autograd iterates the
+    hooks' dict as a plain dict (insertion order; ``OrderedDict.move_to_end`` does not change it), so
+    the items are re-inserted, in the same dict object (which autograd holds)."""
+    hooks = getattr(p, "_post_accumulate_grad_hooks", None)
+    if not hooks or next(iter(hooks)) == handle.id:
+        return
+    items = list(hooks.items())
+    hooks.clear()
+    hooks[handle.id] = dict(items)[handle.id]
+    for key, value in items:
+        if key != handle.id:
+            hooks[key] = value
+
+
+#: The attribute FSDP1 (``FullyShardedDataParallel``) sets on the parameters it flattened and on each
+#: ``FlatParameter`` (``torch.distributed.fsdp._common_utils.FSDP_FLATTENED``).
+FSDP_FLATTENED = "_fsdp_flattened"
+
+
+def fsdp1_flattened(t: Any) -> bool:
+    """Whether FSDP1 flattened ``t`` into a ``FlatParameter`` (or ``t`` is one)."""
+    return bool(getattr(t, FSDP_FLATTENED, False))
+
+
+def fsdp2_params() -> Iterator[Any]:
+    """Every ``FSDPParam`` of the live FSDP2 (``fully_shard``) states of this process."""
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    except ImportError:  # pragma: no cover - a torch without FSDP2
+        return
+    for ref in list(_module_state_mapping.values()):
+        state = ref()
+        if isinstance(state, FSDPState):
+            for group in getattr(state, "_fsdp_param_groups", None) or ():
+                yield from group.fsdp_params
+
+
+def fsdp2_sharded(fsdp_param: Any) -> Tensor:
+    """The sharded parameter (a DTensor, what the module holds outside forward) of an ``FSDPParam``."""
+    return fsdp_param.sharded_param
+
+
+def fsdp2_unsharded(fsdp_param: Any) -> Optional[Tensor]:
+    """The unsharded parameter FSDP2 keeps for an ``FSDPParam`` from its first all-gather on (autograd
+    accumulates into it on every backward), or None before."""
+    return fsdp_param.__dict__.get("_unsharded_param")

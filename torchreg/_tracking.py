@@ -7,10 +7,21 @@
 * A ``load_state_dict`` post-hook on the root follows parameters that loading replaced by new objects
   (``assign=True``): the hooks move to the new ones (:class:`_Rebind`).
 * A rule's per-parameter state follows its parameter's device and dtype (:func:`state_kw`).
-* Parameters replaced otherwise (``to_empty`` from the meta device, FSDP2's ``fully_shard``, an
-  assignment) are found at the first optimizer step after install, with a warning, and followed from
-  then on; so are parameters a reparametrization renamed (``parametrizations.weight.original``), and a
-  warning names those it took out of the model (``weight_norm``).
+* Parameters replaced otherwise (``to_empty`` from the meta device, FSDP2's ``fully_shard``,
+  Accelerate's preparation, an assignment) are found before the first backward, at the first forward
+  of a module holding them (:class:`_FirstForward`, a global forward hook that exists only until every
+  unit has run a backward or seen an optimizer step): exact from the first backward, in either order
+  of torchreg and sharding. There, too, FSDP1 and DeepSpeed ZeRO wrapping applied after torchreg is
+  refused (``_distributed.refusal``), and FSDP2's unsharded parameters get their hooks
+  (``_distributed.hook_unsharded``).
+* What the first forward could not see (a replacement after the first backward; inside
+  ``torch.compile``, where the forward hook does nothing) is found at the first optimizer step after
+  install, with a warning, and followed from then on; so are parameters a reparametrization renamed
+  (``parametrizations.weight.original``), and a warning names those it took out of the model
+  (``weight_norm``).
+* torchreg's hook is made the first of a parameter's post-accumulate-grad hooks, so that its term is
+  in ``.grad`` before another hook reads it: an optimizer stepped in the hook (optimizer-in-backward),
+  DeepSpeed's gradient reduction.
 
 A unit owns one :class:`ParamTracker` (``unit.tracker``) and gives it ``hooked`` (how many entries
 take a hook), ``_takes_hook(entry)``, ``_make_hook(index)`` and ``_follow(index, param)`` (an entry
@@ -20,10 +31,15 @@ now covers another parameter object).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Tuple
+import weakref
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
+
+from . import _distributed
+from . import _torch_private as private
 
 __all__ = ["ParamTracker", "is_lazy", "state_kw"]
 
@@ -56,6 +72,69 @@ class _LazyWatch:
         self.unit.tracker.register_ready(self.unit)
 
 
+class _FirstForward:
+    """A global module forward hook (``register_module_forward_hook``: no hook on the user's modules),
+    while some module holding covered parameters has not run a forward with gradients enabled since the
+    unit was applied (or unpickled), and the unit has run no backward and seen no optimizer step: after
+    that forward, :meth:`ParamTracker.on_forward` checks the module's entries, before the backward that
+    needs their hooks. Each module is checked at its first such forward only; the hook is removed when
+    nothing waits. Inside ``torch.compile`` it does nothing (the first optimizer step checks then)."""
+
+    #: id(module) -> {id(unit): (weakref to unit, entry indices)}
+    modules: Dict[int, Dict[int, Tuple[Any, List[int]]]] = {}
+    handle: Any = None
+
+    @classmethod
+    def add(cls, unit: Any) -> None:
+        holders: Dict[int, List[int]] = {}
+        for i, entry in enumerate(unit.entries):
+            try:
+                module = unit.root.get_submodule(entry.name.rpartition(".")[0])
+            except AttributeError:
+                continue
+            holders.setdefault(id(module), []).append(i)
+        if not holders:
+            return
+        keys, key = list(holders), id(unit)
+        ref = weakref.ref(unit, lambda _, keys=keys, key=key: cls._drop(key, keys))  # a unit dropped unused
+        for module_key, indices in holders.items():
+            cls.modules.setdefault(module_key, {})[key] = (ref, indices)
+        unit.tracker.watched = keys
+        if cls.handle is None:
+            cls.handle = torch.nn.modules.module.register_module_forward_hook(cls._hook)
+
+    @classmethod
+    def discard(cls, unit: Any) -> None:
+        keys, unit.tracker.watched = unit.tracker.watched, []
+        cls._drop(id(unit), keys)
+
+    @classmethod
+    def _drop(cls, key: int, module_keys: Sequence[int]) -> None:
+        for module_key in module_keys:
+            units = cls.modules.get(module_key)
+            if units is not None:
+                units.pop(key, None)
+                if not units:
+                    del cls.modules[module_key]
+        if not cls.modules and cls.handle is not None:
+            cls.handle.remove()
+            cls.handle = None
+
+    @staticmethod
+    def _hook(module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        units = _FirstForward.modules.get(id(module))
+        if not units:
+            return
+        for key, (ref, indices) in list(units.items()):
+            unit = ref()
+            if unit is not None:
+                unit.tracker.on_forward(unit, indices)
+                if torch.is_grad_enabled():  # (a forward under no_grad leads to no backward)
+                    _FirstForward._drop(key, [id(module)])
+
+
 class _Rebind:
     """``load_state_dict`` post-hook on a unit's root: ``load_state_dict(..., assign=True)`` puts new
     parameter objects in the modules, and the unit follows them (its hooks were on the old ones)."""
@@ -71,29 +150,61 @@ class _Rebind:
 class ParamTracker:
     """The hook handles of a unit's entries, and the watchers that keep them on the right parameters."""
 
-    __slots__ = ("handles", "lazy_handle", "load_handle")
+    __slots__ = ("handles", "lazy_handle", "load_handle", "reach", "watched")
 
     def __init__(self) -> None:
         self.handles: Dict[int, Any] = {}
         self.lazy_handle: Any = None
         self.load_handle: Any = None
+        self.reach: Dict[int, Tuple[Any, Any]] = {}  # entry -> (FSDP2's unsharded parameter, weakly; handle)
+        self.watched: List[int] = []  # the modules _FirstForward watches for this unit
 
     def __getstate__(self) -> Dict[str, Any]:
         return {"lazy_handle": self.lazy_handle, "load_handle": self.load_handle}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.handles = {}
+        self.reach = {}
+        self.watched = []
         self.lazy_handle = state["lazy_handle"]
         self.load_handle = state["load_handle"]
 
     def install(self, unit: Any) -> None:
         self.register_ready(unit)
         self.load_handle = unit.root.register_load_state_dict_post_hook(_Rebind(unit))
+        self.watch(unit)
+
+    def watch(self, unit: Any) -> None:
+        """Check the unit's parameters at forwards until its first backward or optimizer step."""
+        _FirstForward.add(unit)
+
+    def opened(self, unit: Any) -> None:
+        """The unit's first backward began (or its first optimizer step, or it is removed): stop
+        watching forwards."""
+        if self.watched:
+            _FirstForward.discard(unit)
+
+    def on_forward(self, unit: Any, indices: Sequence[int]) -> None:
+        """After the forward of a module holding ``unit.entries[i]``, ``i`` in ``indices``, before the first
+        backward: refuse FSDP1 / ZeRO-3 wrapping applied since, follow replaced parameters (no backward
+        ran with the old ones: exact), hook FSDP2's unsharded parameters."""
+        for i in indices:
+            entry = unit.entries[i]
+            reason = _distributed.refusal(entry.param) or _distributed.refusal_at(unit.root, entry.name)
+            if reason is not None:
+                raise RuntimeError(f"{reason} (parameter {entry.name!r} of {type(unit.root).__name__})")
+        replaced = self.replaced(unit, indices)
+        if replaced:
+            self.rebind(unit, replaced)
+        _distributed.hook_unsharded(unit, indices, self.reach)
 
     def uninstall(self) -> None:
         for handle in self.handles.values():
             handle.remove()
         self.handles.clear()
+        for _, handle in self.reach.values():
+            handle.remove()
+        self.reach.clear()
         for name in ("lazy_handle", "load_handle"):
             handle = getattr(self, name)
             if handle is not None:
@@ -115,18 +226,23 @@ class ParamTracker:
         for i, entry in enumerate(unit.entries):
             p = entry.param
             if i not in self.handles and p.requires_grad and not is_lazy(p) and unit._takes_hook(entry):
-                self.handles[i] = p.register_post_accumulate_grad_hook(unit._make_hook(i))
+                self.handles[i] = handle = p.register_post_accumulate_grad_hook(unit._make_hook(i))
+                private.put_first(p, handle)  # before hooks that read .grad (optimizer-in-backward)
 
-    def replaced(self, unit: Any) -> List[Tuple[int, Any, nn.Parameter]]:
-        """Entries whose name now holds another parameter object than the one covered."""
+    def replaced(self, unit: Any, indices: Optional[Sequence[int]] = None) -> List[Tuple[int, Any, nn.Parameter]]:
+        """Entries (all, or those of ``indices``) whose name now holds another parameter object than the
+        one covered (during an FSDP2 forward, the unsharded parameter stands for its sharded one)."""
         found = []
-        for i, entry in enumerate(unit.entries):
+        for i in range(len(unit.entries)) if indices is None else indices:
+            entry = unit.entries[i]
             try:
                 current = unit.root.get_parameter(entry.name)
             except AttributeError:  # no longer a parameter under this name: keep the one we have
                 continue
             if current is not entry.param:
-                found.append((i, entry, current))
+                current = _distributed.sharded_of(current)
+                if current is not entry.param:
+                    found.append((i, entry, current))
         return found
 
     def rebind(self, unit: Any, replaced: List[Tuple[int, Any, nn.Parameter]]) -> None:
@@ -139,10 +255,11 @@ class ParamTracker:
         self.register_ready(unit)
 
     def check(self, unit: Any) -> None:
-        """At the first optimizer step after install: parameters replaced by new objects since (outside
-        ``load_state_dict``: ``model.to_empty()`` from the meta device, FSDP2's ``fully_shard``, an
-        assignment) got no term so far. Warn, and follow them from now on. Parameters that are no
+        """At the first optimizer step after install: parameters replaced by new objects that the first
+        forward did not see (replaced after the first backward, or the forward ran inside
+        ``torch.compile``) got no term so far. Warn, and follow them from now on. Parameters that are no
         longer parameters at all (a reparametrization took them out) are warned about too."""
+        self.opened(unit)
         self.register_ready(unit)  # (an unpickled unit: its forward hook, if a parameter has no hook)
         self._check_gone(unit)
         replaced = self.replaced(unit)
@@ -150,14 +267,30 @@ class ParamTracker:
             names = ", ".join(entry.name for _, entry, _ in replaced[:5]) + (", ..." if len(replaced) > 5 else "")
             warnings.warn(
                 f"torchreg: {len(replaced)} regularized parameter(s) of {type(unit.root).__name__} ({names}) "
-                "were replaced by new objects after torchreg was applied (model.to_empty(), fully_shard(), "
-                "or an assignment), so the backward passes before this optimizer step added no "
-                "regularization to them. torchreg follows the new parameters from now on; apply torchreg "
-                "after such calls to regularize from the first step.",
+                "were replaced by new objects (model.to_empty(), fully_shard(), or an assignment) after "
+                "the first backward, or inside torch.compile, so the backward passes before this "
+                "optimizer step added no regularization to them. torchreg follows the new parameters "
+                "from now on; replace parameters before the first backward, or apply torchreg after, to "
+                "regularize from the first step.",
                 UserWarning,
                 stacklevel=5,  # the user's optimizer.step() call
             )
             self.rebind(unit, replaced)
+        # Inside torch.compile no forward was checked: FSDP2's unsharded parameters are hooked only now,
+        # so a backward without gradient sync before this step opened no session and added nothing.
+        late = _distributed.hook_unsharded(unit, range(len(unit.entries)), self.reach)
+        if late and not replaced and unit.guard.backwards < unit.accumulation_steps:
+            warnings.warn(
+                f"torchreg: {unit.guard.backwards} of the accumulation_steps={unit.accumulation_steps} backward "
+                f"passes before this first optimizer step reached the regularized parameters of "
+                f"{type(unit.root).__name__}: the forward ran inside torch.compile, where torchreg cannot hook "
+                "FSDP2's unsharded parameters, so the micro-batches without gradient sync "
+                "(set_requires_gradient_sync(False)) added no regularization. torchreg is exact from the next "
+                "step on; to be exact from the first, run the first forward outside torch.compile or sync "
+                "gradients on every micro-batch of the first step.",
+                UserWarning,
+                stacklevel=5,  # the user's optimizer.step() call
+            )
 
     def _check_gone(self, unit: Any) -> None:
         """Entries whose name no longer holds a parameter: the same object under another name (a

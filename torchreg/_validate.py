@@ -52,6 +52,9 @@ def check_hookable(value: Any, what: str) -> nn.Module:
             "no load_state_dict hook, which torchreg needs. Regularize the eager module, then script it: "
             "torch.jit.script(torchreg.L1(module, lam)) is regularized as the eager module is"
         )
+    from ._distributed import check_module as check_wrapping
+
+    check_wrapping(value, what)  # FSDP1, DeepSpeed ZeRO-3: refused
     return value
 
 
