@@ -34,15 +34,16 @@ torchreg)::
 
     Row("Huber", Huber, dict(lam=LAM, delta=0.5), penalty=lambda w: LAM * huber(w, 0.5),
         bad=(Bad(dict(delta=-1.0), ValueError, ("delta", "-1.0")),)),
-    Row("MaxNorm", torchreg.MaxNorm, dict(max_value=0.3),            # a constraint: no penalty,
-        after_step=lambda w, s: keras_max_norm(w, 0.3, dim=0),       # its projection (step ignored)
+    Row("MaxNorm", torchreg.MaxNorm, dict(max_value=0.3),            # a constraint: no penalty, its
+        after_step=lambda w, s: keras_norm_projection(w, 0, lambda n: n.clamp(0, 0.3)),  # projection
         optimizers=("SGD", "Adam")),
     Row("L2-center-init", torchreg.L2, dict(lam=LAM, center="init"), snapshot=True,
         penalty=lambda w, w0: LAM / 2 * (w - w0).pow(2).sum()),
 
 Modes, as the suites read them: a row with ``activity`` penalizes outputs; a row with ``after_step``
-adds nothing at backward (its gradients are the bare model's) and changes the weights after each
-optimizer step; any other row adds ``d penalty / d w`` to the gradient at backward. The covered
+(proximal regularizers, constraints) adds nothing at backward (its gradients are the bare model's) and
+changes the weights after each optimizer step; any other row adds ``d penalty / d w`` to the gradient at
+backward. The covered
 parameters of a target module are its parameters whose own name starts with ``weight`` (the documented
 default selection for the layers used here: Linear, Conv2d, Embedding, LSTM, written out independently
 of torchreg's selection code). Suite names for ``skip`` / ``xfail``: :data:`SUITES`.
@@ -180,6 +181,14 @@ def group_prox(w: Tensor, step: Any, lam: float, dim: int) -> Tensor:
     return x.reshape(w.movedim(dim, 0).shape).movedim(0, dim).to(w.dtype)
 
 
+def keras_norm_projection(w: Tensor, dim: int, desired: Callable[[Tensor], Tensor]) -> Tensor:
+    """Keras' norm constraints in torch's layout: ``w_g * desired(n_g) / (1e-7 + n_g)``, one norm ``n_g``
+    per index ``g`` along ``dim`` (over every other dimension), in float64."""
+    z = w.double()
+    n = z.pow(2).sum(dim=_other_dims(w, dim), keepdim=True).sqrt()
+    return (z * desired(n) / (1e-7 + n)).to(w.dtype)
+
+
 def orthogonal_penalty(w: Tensor, lam: float, mode: str) -> Tensor:
     """Keras' OrthogonalRegularizer in torch's layout: mean ``|cos|`` over distinct pairs of rows
     (columns) of ``w.reshape(shape[0], -1)``, each normalized by ``max(||v||, 1e-7)``."""
@@ -278,6 +287,7 @@ LAM = 0.07  # large enough that a missing, doubled or mis-scaled term moves grad
 L1_, L2_ = 0.05, 0.3
 
 _BAD_PROXIMAL = Bad(dict(proximal="yes"), TypeError, ("proximal", "'yes'"))
+_BAD_CENTER = Bad(dict(center="start"), ValueError, ("center", "'start'"))
 _BAD_DIM = (Bad(dict(dim="0"), TypeError, ("dim", "'0'")), Bad(dict(dim=5), ValueError, ("dim", "5")))
 _BAD_MODE = (Bad(dict(mode=1), TypeError, ("mode", "1")), Bad(dict(mode="diagonal"), ValueError, ("'diagonal'",)))
 
@@ -314,20 +324,34 @@ TABLE: List[Row] = [
         skip={"create_graph": "a documented limit (README, activity regularization): under create_graph=True the "
                               "activity term is a constant of the graph, so L2's second derivative lam / batch is "
                               "missing", "retain_graph": _ACTIVITY_RETAIN}),
+    # Penalties toward each weight's value when the rule was applied (center="init": L2-SP, sparse deltas).
     Row("L1-center-init", torchreg.L1, dict(lam=LAM, center="init"), snapshot=True,
-        penalty=lambda w, w0: LAM * (w - w0).abs().sum()),
+        penalty=lambda w, w0: LAM * (w - w0).abs().sum(), bad=(_BAD_CENTER,)),
     Row("L1-center-init-prox", torchreg.L1, dict(lam=LAM, center="init", proximal=True), snapshot=True,
         penalty=lambda w, w0: LAM * (w - w0).abs().sum(),
-        after_step=lambda w, s, w0: w0 + soft(w - w0, s * LAM), optimizers=("SGD", "Adam"), bad=(_BAD_PROXIMAL,)),
+        after_step=lambda w, s, w0: w0 + soft(w - w0, s * LAM), optimizers=("SGD", "Adam"),
+        bad=(_BAD_CENTER, _BAD_PROXIMAL)),
     Row("L2-center-init", torchreg.L2, dict(lam=LAM, center="init"), snapshot=True,
-        penalty=lambda w, w0: LAM / 2 * (w - w0).pow(2).sum()),
+        penalty=lambda w, w0: LAM / 2 * (w - w0).pow(2).sum(), bad=(_BAD_CENTER,)),
     Row("ElasticNet-center-init", torchreg.ElasticNet, dict(l1=L1_, l2=L2_, center="init"), snapshot=True,
-        penalty=lambda w, w0: L1_ * (w - w0).abs().sum() + L2_ / 2 * (w - w0).pow(2).sum()),
+        penalty=lambda w, w0: L1_ * (w - w0).abs().sum() + L2_ / 2 * (w - w0).pow(2).sum(), bad=(_BAD_CENTER,)),
     Row("ElasticNet-center-init-prox", torchreg.ElasticNet, dict(l1=L1_, l2=L2_, center="init", proximal=True),
         snapshot=True, penalty=lambda w, w0: L1_ * (w - w0).abs().sum() + L2_ / 2 * (w - w0).pow(2).sum(),
         after_step=lambda w, s, w0: w0 + soft(w - w0, s * L1_) / (1 + s * L2_), optimizers=("SGD", "Adam"),
-        bad=(_BAD_PROXIMAL,)),
+        bad=(_BAD_CENTER, _BAD_PROXIMAL)),
     Row("LogCosh-user-defined", LogCosh, dict(lam=LAM), penalty=lambda w: LAM * torch.log(torch.cosh(w)).sum()),
+    # Keras' weight constraints: no penalty, a projection after every optimizer step (the step is not used).
+    Row("MaxNorm", torchreg.MaxNorm, dict(max_value=0.3),
+        after_step=lambda w, s: keras_norm_projection(w, 0, lambda n: n.clamp(0, 0.3)), optimizers=("SGD", "Adam"),
+        bad=(Bad(dict(max_value=-1.0), ValueError, ("max_value", "-1.0")),
+             Bad(dict(max_value="3"), TypeError, ("max_value", "'3'")), Bad(dict(dim=5), ValueError, ("dim=5",)))),
+    Row("MinMaxNorm-dim1", torchreg.MinMaxNorm, dict(min_value=0.4, max_value=0.6, rate=0.5, dim=1),
+        after_step=lambda w, s: keras_norm_projection(w, 1, lambda n: 0.5 * n.clamp(0.4, 0.6) + 0.5 * n),
+        optimizers=("SGD", "Adam"), bad=(Bad(dict(min_value=0.7), ValueError, ("min_value", "0.7")),)),
+    Row("UnitNorm", torchreg.UnitNorm, dict(), after_step=lambda w, s: keras_norm_projection(w, 0, lambda n: 1.0),
+        optimizers=("SGD", "Adam"), bad=(Bad(dict(dim="0"), TypeError, ("dim", "'0'")),)),
+    Row("NonNeg", torchreg.NonNeg, dict(), after_step=lambda w, s: w * (w >= 0), optimizers=("SGD", "Adam"),
+        bad=(Bad(dict(params=3), TypeError, ("params", "3 (int)")),)),
     Row("TowardInit-user-state", TowardInit, dict(lam=LAM), snapshot=True,
         penalty=lambda w, w0: LAM / 2 * (w - w0).pow(2).sum()),
     Row("TowardInit-user-state-prox", TowardInit, dict(lam=LAM, proximal=True), snapshot=True,

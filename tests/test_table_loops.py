@@ -18,6 +18,7 @@ penalty added to the loss (or, for after-step rows, its operator applied by hand
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator, List
 
 import pytest
@@ -26,7 +27,7 @@ import torch
 import torchreg
 from reference import assert_same_grads
 from regularizer_table import (  # noqa: F401
-    OPTIMIZERS, Row, assert_same_params, batch, one_thread, pair, params, readout, train,
+    OPTIMIZERS, TABLE, Row, assert_same_params, batch, one_thread, pair, params, readout, train,
 )
 
 FORMS = ("form", ["wrapper", "rule"])
@@ -145,3 +146,15 @@ def test_autograd_grad_changes_no_grad(row: Row) -> None:
         assert p.grad is None, name
         torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
     train(model, ref, steps=1)
+
+
+def test_compiling_a_regularized_model_warns_nothing(dynamo_reset: None) -> None:
+    warned = []
+    for row in TABLE:
+        torch._dynamo.reset()
+        model, _ = pair(row)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            readout(torch.compile(model, backend="aot_eager")(batch(4, seed=0))).backward()
+        warned += [f"{row.id}: {w.message}"[:120] for w in caught if "global hooks" in str(w.message)]
+    assert not warned, warned

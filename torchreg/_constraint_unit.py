@@ -109,6 +109,7 @@ class ConstraintUnit:
         if not self._fresh:
             return
         self._fresh = False
+        self.tracker.opened(self)  # (the forward watcher's checks are done here for constraints)
         self.tracker.rebind(self, self.tracker.replaced(self))
         for entry in self.entries:
             if not is_lazy(entry.param):

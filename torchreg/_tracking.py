@@ -9,7 +9,7 @@
 * A rule's per-parameter state follows its parameter's device and dtype (:func:`state_kw`).
 * Parameters replaced otherwise (``to_empty`` from the meta device, FSDP2's ``fully_shard``,
   Accelerate's preparation, an assignment) are found before the first backward, at the first forward
-  of a module holding them (:class:`_FirstForward`, a global forward hook that exists only until every
+  of the unit's root (:class:`_FirstForward`, a forward hook on the root that exists only until the
   unit has run a backward or seen an optimizer step): exact from the first backward, in either order
   of torchreg and sharding. There, too, FSDP1 and DeepSpeed ZeRO wrapping applied after torchreg is
   refused (``_distributed.refusal``), and FSDP2's unsharded parameters get their hooks
@@ -31,7 +31,6 @@ now covers another parameter object).
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -73,66 +72,18 @@ class _LazyWatch:
 
 
 class _FirstForward:
-    """A global module forward hook (``register_module_forward_hook``: no hook on the user's modules),
-    while some module holding covered parameters has not run a forward with gradients enabled since the
-    unit was applied (or unpickled), and the unit has run no backward and seen no optimizer step: after
-    that forward, :meth:`ParamTracker.on_forward` checks the module's entries, before the backward that
-    needs their hooks. Each module is checked at its first such forward only; the hook is removed when
-    nothing waits. Inside ``torch.compile`` it does nothing (the first optimizer step checks then)."""
+    """Forward hook on a unit's root from install (or unpickling) until the unit's first backward or
+    optimizer step: after each forward, outside ``torch.compile``, :meth:`ParamTracker.on_forward`
+    checks the unit's entries, before the backward that needs their hooks. (A hook on the root, not a
+    global module hook: ``torch.compile(model)`` warns when global module hooks exist.)"""
 
-    #: id(module) -> {id(unit): (weakref to unit, entry indices)}
-    modules: Dict[int, Dict[int, Tuple[Any, List[int]]]] = {}
-    handle: Any = None
+    def __init__(self, unit: Any) -> None:
+        self.unit = unit
 
-    @classmethod
-    def add(cls, unit: Any) -> None:
-        holders: Dict[int, List[int]] = {}
-        for i, entry in enumerate(unit.entries):
-            try:
-                module = unit.root.get_submodule(entry.name.rpartition(".")[0])
-            except AttributeError:
-                continue
-            holders.setdefault(id(module), []).append(i)
-        if not holders:
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():  # (the first optimizer step checks then)
             return
-        keys, key = list(holders), id(unit)
-        ref = weakref.ref(unit, lambda _, keys=keys, key=key: cls._drop(key, keys))  # a unit dropped unused
-        for module_key, indices in holders.items():
-            cls.modules.setdefault(module_key, {})[key] = (ref, indices)
-        unit.tracker.watched = keys
-        if cls.handle is None:
-            cls.handle = torch.nn.modules.module.register_module_forward_hook(cls._hook)
-
-    @classmethod
-    def discard(cls, unit: Any) -> None:
-        keys, unit.tracker.watched = unit.tracker.watched, []
-        cls._drop(id(unit), keys)
-
-    @classmethod
-    def _drop(cls, key: int, module_keys: Sequence[int]) -> None:
-        for module_key in module_keys:
-            units = cls.modules.get(module_key)
-            if units is not None:
-                units.pop(key, None)
-                if not units:
-                    del cls.modules[module_key]
-        if not cls.modules and cls.handle is not None:
-            cls.handle.remove()
-            cls.handle = None
-
-    @staticmethod
-    def _hook(module: nn.Module, args: Any, output: Any) -> None:
-        if torch.compiler.is_compiling():
-            return
-        units = _FirstForward.modules.get(id(module))
-        if not units:
-            return
-        for key, (ref, indices) in list(units.items()):
-            unit = ref()
-            if unit is not None:
-                unit.tracker.on_forward(unit, indices)
-                if torch.is_grad_enabled():  # (a forward under no_grad leads to no backward)
-                    _FirstForward._drop(key, [id(module)])
+        self.unit.tracker.on_forward(self.unit, range(len(self.unit.entries)))
 
 
 class _Rebind:
@@ -150,24 +101,24 @@ class _Rebind:
 class ParamTracker:
     """The hook handles of a unit's entries, and the watchers that keep them on the right parameters."""
 
-    __slots__ = ("handles", "lazy_handle", "load_handle", "reach", "watched")
+    __slots__ = ("handles", "lazy_handle", "load_handle", "reach", "first_handle")
 
     def __init__(self) -> None:
         self.handles: Dict[int, Any] = {}
         self.lazy_handle: Any = None
         self.load_handle: Any = None
         self.reach: Dict[int, Tuple[Any, Any]] = {}  # entry -> (FSDP2's unsharded parameter, weakly; handle)
-        self.watched: List[int] = []  # the modules _FirstForward watches for this unit
+        self.first_handle: Any = None  # the _FirstForward hook on the root, until the first backward
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {"lazy_handle": self.lazy_handle, "load_handle": self.load_handle}
+        return {"lazy_handle": self.lazy_handle, "load_handle": self.load_handle, "first_handle": self.first_handle}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.handles = {}
         self.reach = {}
-        self.watched = []
         self.lazy_handle = state["lazy_handle"]
         self.load_handle = state["load_handle"]
+        self.first_handle = state.get("first_handle")
 
     def install(self, unit: Any) -> None:
         self.register_ready(unit)
@@ -176,13 +127,15 @@ class ParamTracker:
 
     def watch(self, unit: Any) -> None:
         """Check the unit's parameters at forwards until its first backward or optimizer step."""
-        _FirstForward.add(unit)
+        if self.first_handle is None:  # (an unpickled root keeps the hook it was pickled with)
+            self.first_handle = unit.root.register_forward_hook(_FirstForward(unit))
 
     def opened(self, unit: Any) -> None:
         """The unit's first backward began (or its first optimizer step, or it is removed): stop
         watching forwards."""
-        if self.watched:
-            _FirstForward.discard(unit)
+        if self.first_handle is not None:
+            self.first_handle.remove()
+            self.first_handle = None
 
     def on_forward(self, unit: Any, indices: Sequence[int]) -> None:
         """After the forward of a module holding ``unit.entries[i]``, ``i`` in ``indices``, before the first
@@ -205,7 +158,7 @@ class ParamTracker:
         for _, handle in self.reach.values():
             handle.remove()
         self.reach.clear()
-        for name in ("lazy_handle", "load_handle"):
+        for name in ("lazy_handle", "load_handle", "first_handle"):
             handle = getattr(self, name)
             if handle is not None:
                 handle.remove()
