@@ -679,7 +679,8 @@ def test_proximal_only_unit_keeps_no_watcher_and_needs_no_scaler():
     take, and an undeclared GradScaler (which only scales backward terms) is not warned about."""
     layer = torchreg.L1(nn.Linear(4, 4), 0.1, proximal=True)
     unit = layer.__dict__["_torchreg_unit"]
-    assert unit.tracker.lazy_handle is None and not layer._forward_hooks
+    assert unit.tracker.lazy_handle is None
+    assert [type(h).__name__ for h in layer._forward_hooks.values()] == ["_FirstForward"]  # (until a forward)
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu")
     with warnings.catch_warnings():
@@ -689,6 +690,7 @@ def test_proximal_only_unit_keeps_no_watcher_and_needs_no_scaler():
             scaler.scale(layer(torch.randn(2, 4)).sum()).backward()
             scaler.step(opt)
             scaler.update()
+    assert not layer._forward_hooks  # no watcher stays once training runs
     mixed = torchreg.apply_regularization(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)),
                                           {"0": torchreg.L1(0.1, proximal=True), nn.Linear: torchreg.L2(0.1)})
     opt = torch.optim.SGD(mixed.parameters(), lr=0.1)

@@ -117,3 +117,20 @@ def test_a_parameter_replaced_by_loading_with_assign_is_covered() -> None:
     assert torchreg.is_regularized(m[0])
     with pytest.raises(ValueError, match="already regularized"):
         torchreg.L1(m[0], 0.1)
+
+
+def test_a_model_copied_after_training_is_regularized_exactly() -> None:
+    """deepcopy and pickle of a model that has run a forward and a backward (the first-forward watchers are
+    gone) give copies whose gradients are the penalty's."""
+    torch.manual_seed(0)
+    m = nn.Sequential(torchreg.L1(nn.Linear(4, 3), lam=1e-2), nn.ReLU(), torchreg.L2(nn.Linear(3, 1), lam=1e-3))
+    m(torch.randn(2, 4)).sum().backward()
+    x = torch.randn(5, 4)
+    for c in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        c.zero_grad()
+        c(x).sum().backward()
+        bare = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))
+        bare.load_state_dict(c.state_dict())
+        (bare(x).sum() + 1e-2 * bare[0].weight.abs().sum() + 1e-3 / 2 * bare[2].weight.pow(2).sum()).backward()
+        for a, b in zip(c.parameters(), bare.parameters()):
+            torch.testing.assert_close(a.grad, b.grad)

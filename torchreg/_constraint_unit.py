@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import _after_step, _registry
 from ._engine import Entry, Skipped
-from ._tracking import ParamTracker, is_lazy
+from ._tracking import ParamTracker, TrackedUnit, is_lazy
 
 __all__ = ["ATTR", "KIND", "NOTE", "ConstraintUnit", "Entry", "attach", "owner_of"]
 
@@ -37,8 +37,11 @@ def owner_of(p: Tensor) -> Any:
     return _registry.owner_of(p, KIND)
 
 
-class ConstraintUnit:
+class ConstraintUnit(TrackedUnit):
     """The constraints applied by one call, on the module ``root`` it was applied to."""
+
+    KIND = KIND
+    ATTR = ATTR
 
     #: No entry takes a backward hook (``_tracking.ParamTracker`` asks).
     hooked = 0
@@ -61,27 +64,13 @@ class ConstraintUnit:
         self._init_transient()
         self._register()
 
-    # -- install --------------------------------------------------------------------------------
-    def install(self) -> None:
-        """Register the unit; on failure undo what was done and re-raise."""
-        try:
-            self.tracker.install(self)
-            setattr(self.root, ATTR, self)
-            self._register()
-        except BaseException:
-            self.uninstall()
-            raise
-
+    # -- install (TrackedUnit.install / uninstall) -------------------------------------------------
     def _register(self) -> None:
-        _registry.claim(self, KIND, [e.param for e in self.entries])
+        super()._register()
         _after_step.track(self)
 
-    def uninstall(self) -> None:
+    def _unregister(self) -> None:
         _after_step.untrack(self)
-        _registry.release(self, KIND, [e.param for e in self.entries])
-        self.tracker.uninstall()
-        if self.root.__dict__.get(ATTR) is self:
-            delattr(self.root, ATTR)
 
     def extend(self, entries: Sequence[Entry], skipped: Sequence[Skipped] = ()) -> None:
         """Constrain more parameters of the same root (checked by :func:`check` already)."""
@@ -94,13 +83,6 @@ class ConstraintUnit:
     @staticmethod
     def _takes_hook(entry: Entry) -> bool:
         return False
-
-    def _follow(self, index: int, param: nn.Parameter) -> None:
-        """Entry ``index`` now covers ``param`` (the model replaced the parameter object)."""
-        entry = self.entries[index]
-        _registry.release(self, KIND, [entry.param])
-        self.entries[index] = entry._replace(param=param)
-        _registry.claim(self, KIND, [param])
 
     def before_step(self) -> None:
         """Called by ``_after_step`` before it looks for this unit's parameters in a stepping optimizer.

@@ -51,7 +51,7 @@ from ._distributed import DistributedSweep, deferred, distributed, elementwise_o
 from ._guards import AccumulationGuard, StepCounter
 from ._ops import Adder
 from ._session import Session, Sessions
-from ._tracking import ParamTracker, is_lazy, state_kw
+from ._tracking import ParamTracker, TrackedUnit, is_lazy, state_kw
 
 __all__ = ["ATTR", "KIND", "Entry", "Skipped", "Unit", "attach", "owner_of", "units_in"]
 
@@ -120,8 +120,11 @@ def _make_hook(unit: "Unit", index: int) -> Callable[[Tensor], None]:
     return hook
 
 
-class Unit:
+class Unit(TrackedUnit):
     """The regularization applied by one call, on the module ``root`` it was applied to."""
+
+    KIND = KIND
+    ATTR = ATTR
 
     def __init__(self, root: nn.Module, entries: Sequence[Entry], skipped: Sequence[Skipped] = ()) -> None:
         self.root = root
@@ -167,32 +170,17 @@ class Unit:
         new.grad_scaler = self.grad_scaler  # a copy trains with the same scaler
         return new
 
-    # -- install --------------------------------------------------------------------------------
-    def install(self) -> None:
-        """Register the hooks; on failure remove those registered and re-raise."""
-        try:
-            self.tracker.install(self)
-            setattr(self.root, ATTR, self)
-            self._register()
-        except BaseException:
-            self.uninstall()
-            raise
-
+    # -- install (TrackedUnit.install / uninstall) -------------------------------------------------
     def _register(self) -> None:
-        _registry.claim(self, KIND, [e.param for e in self.entries])
+        super()._register()
         DistributedSweep.live.add(self)
         StepCounter.watch(self)
         _after_step.track(self)
 
-    def uninstall(self) -> None:
-        self.tracker.opened(self)  # (stops watching forwards)
+    def _unregister(self) -> None:
         DistributedSweep.live.discard(self)
         StepCounter.forget(self)
         _after_step.untrack(self)
-        _registry.release(self, KIND, [e.param for e in self.entries])
-        self.tracker.uninstall()
-        if self.root.__dict__.get(ATTR) is self:
-            delattr(self.root, ATTR)
 
     # -- what the tracker asks ----------------------------------------------------------------------
     @staticmethod
@@ -203,11 +191,7 @@ class Unit:
         return _make_hook(self, index)
 
     def _follow(self, index: int, param: nn.Parameter) -> None:
-        """Entry ``index`` now covers ``param`` (the model replaced the parameter object)."""
-        entry = self.entries[index]
-        _registry.release(self, KIND, [entry.param])
-        self.entries[index] = entry._replace(param=param)
-        _registry.claim(self, KIND, [param])
+        super()._follow(index, param)
         self._cached = (None, self._none)  # the adders depend on the parameter's kind (sharded or not)
 
     def _check_replaced(self) -> None:

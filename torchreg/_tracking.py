@@ -37,10 +37,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
-from . import _distributed
+from . import _distributed, _registry
 from . import _torch_private as private
 
-__all__ = ["ParamTracker", "is_lazy", "state_kw"]
+__all__ = ["ParamTracker", "TrackedUnit", "is_lazy", "state_kw"]
 
 
 def is_lazy(p: Tensor) -> bool:
@@ -294,3 +294,46 @@ class ParamTracker:
                 UserWarning,
                 stacklevel=6,  # the user's optimizer.step() call
             )
+
+
+class TrackedUnit:
+    """What every unit that covers parameters shares (the penalty unit, ``_engine.Unit``, and the
+    constraint unit): ``root``, ``entries`` and a :class:`ParamTracker`; installed on the root under its
+    kind's attribute (``ATTR``), its parameters claimed in ``_registry`` under its ``KIND``. A subclass
+    extends :meth:`_register` / :meth:`_unregister` with the watchers it needs."""
+
+    KIND = ""
+    ATTR = ""
+    root: nn.Module
+    entries: List[Any]
+    tracker: ParamTracker
+
+    def install(self) -> None:
+        """Register the hooks and watchers; on failure undo what was done and re-raise."""
+        try:
+            self.tracker.install(self)
+            setattr(self.root, self.ATTR, self)
+            self._register()
+        except BaseException:
+            self.uninstall()
+            raise
+
+    def _register(self) -> None:
+        _registry.claim(self, self.KIND, [e.param for e in self.entries])
+
+    def _unregister(self) -> None:
+        """Undo what :meth:`_register` added beyond the registry (a subclass's watchers)."""
+
+    def uninstall(self) -> None:
+        self._unregister()
+        _registry.release(self, self.KIND, [e.param for e in self.entries])
+        self.tracker.uninstall()
+        if self.root.__dict__.get(self.ATTR) is self:
+            delattr(self.root, self.ATTR)
+
+    def _follow(self, index: int, param: nn.Parameter) -> None:
+        """Entry ``index`` now covers ``param`` (the model replaced the parameter object)."""
+        entry = self.entries[index]
+        _registry.release(self, self.KIND, [entry.param])
+        self.entries[index] = entry._replace(param=param)
+        _registry.claim(self, self.KIND, [param])
