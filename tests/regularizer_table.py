@@ -131,16 +131,6 @@ class TowardInit(torchreg.Regularizer):
         param.add_(state["start"] * t).div_(t + 1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny tensors: one intra-op thread (two spin against each other on a busy 2-core machine, making
-    an LSTM step 50x slower). Each suite imports this fixture, which makes it apply there."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Reference formulas (typed here, independently of torchreg's code)
 # ---------------------------------------------------------------------------------------------------

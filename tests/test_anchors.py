@@ -24,7 +24,6 @@ from torch import Tensor, nn
 import torchreg
 from reference import assert_same_grads
 from test_anchor_math import D, assert_matches_shifted, shifted_lasso_reference, shifted_problem
-from test_prox import one_thread  # noqa: F401  (a fixture: one intra-op thread for these tiny problems)
 
 sklearn_lm = pytest.importorskip("sklearn.linear_model")
 

@@ -14,14 +14,6 @@ from torch import nn
 import torchreg
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: intra-op threads only add overhead
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_indices(w: torch.Tensor, dim: int) -> list:
     """Indices along ``dim`` whose slice is all zero, computed another way (a loop over slices)."""
     return [i for i in range(w.shape[dim]) if not bool(w.select(dim, i).ne(0).any())]

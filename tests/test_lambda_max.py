@@ -24,14 +24,6 @@ pytestmark = [pytest.mark.filterwarnings("error:torchreg")]
 N, D, T = 60, 8, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: intra-op threads only add overhead
-    yield
-    torch.set_num_threads(threads)
-
-
 def data(targets: int = 1, seed: int = 0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((N, D))

@@ -30,15 +30,6 @@ N, D, T = 100, 20, 3
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 problems: intra-op threads only add contention on a busy machine (5 ms per matmul)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------------
 # data and training
 # ------------------------------------------------------------------------------------------------

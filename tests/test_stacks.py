@@ -39,14 +39,6 @@ pytestmark = pytest.mark.filterwarnings("error")  # the accumulation guard must 
 L1, L2 = 0.05, 0.1  # ElasticNet strengths: a missing or doubled term moves a gradient by >= 1e-2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: intra-op threads only add overhead
-    yield
-    torch.set_num_threads(before)
-
-
 def penalty(model: nn.Module, names: Optional[Sequence[str]] = None) -> Tensor:
     params = dict(model.named_parameters())
     return explicit_penalty((params[n], L1, L2) for n in (names if names is not None else params))

@@ -20,7 +20,7 @@ import torch
 
 import torchreg
 from regularizer_table import (  # noqa: F401
-    OPTIMIZERS, TABLE, TARGETS, Reference, Row, batch, make_net, one_thread, params, readout,
+    OPTIMIZERS, TABLE, TARGETS, Reference, Row, batch, make_net, params, readout,
 )
 from test_training_loops import WORLD, spawn_ranks
 

@@ -21,7 +21,7 @@ from torch import nn
 
 import torchreg
 from regularizer_table import (  # noqa: F401
-    Bad, Reference, Row, assert_no_torchreg_state, make_net, one_thread, params, train,
+    Bad, Reference, Row, assert_no_torchreg_state, make_net, params, train,
 )
 
 BAD_STRENGTHS = [  # (value, error, how the message shows it)

@@ -16,7 +16,7 @@ import torch
 import torchreg
 from reference import assert_same_grads
 from regularizer_table import (  # noqa: F401
-    LAYERS, OPTIMIZERS, TARGETS, Reference, Row, assert_same_params, batch, make_net, one_thread, params, readout,
+    LAYERS, OPTIMIZERS, TARGETS, Reference, Row, assert_same_params, batch, make_net, params, readout,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")

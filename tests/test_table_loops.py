@@ -27,7 +27,7 @@ import torch
 import torchreg
 from reference import assert_same_grads
 from regularizer_table import (  # noqa: F401
-    OPTIMIZERS, TABLE, Row, assert_same_params, batch, one_thread, pair, params, readout, train,
+    OPTIMIZERS, TABLE, Row, assert_same_params, batch, pair, params, readout, train,
 )
 
 FORMS = ("form", ["wrapper", "rule"])

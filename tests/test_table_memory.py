@@ -45,7 +45,7 @@ def _build_train_drop(row: Row, form: str) -> List[weakref.ref]:
 def survivors() -> Dict[Tuple[str, str], List[str]]:
     """(row id, form) -> the type names of what is still alive after the drop, or the error building it."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the one_thread fixture does for each test
+    torch.set_num_threads(1)  # as the root conftest's fixture does for each test
     refs: Dict[Tuple[str, str], List[weakref.ref]] = {}
     errors: Dict[Tuple[str, str], List[str]] = {}
     for row in TABLE:

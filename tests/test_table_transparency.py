@@ -22,7 +22,7 @@ from torch import nn
 
 import torchreg
 from regularizer_table import (  # noqa: F401
-    Reference, Row, assert_no_torchreg_state, make_net, one_thread, pair, params, train,
+    Reference, Row, assert_no_torchreg_state, make_net, pair, params, train,
 )
 
 FORMS = ("form", ["wrapper", "rule"])

@@ -34,15 +34,6 @@ pytestmark = [
 ATTR = "_torchreg_unit"  # the one attribute torchreg documents setting on a module
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: intra-op threads only add overhead (a lot on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ================================================================================================
 # Models
 # ================================================================================================
