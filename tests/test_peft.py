@@ -73,6 +73,7 @@ def test_frozen_base_weights_show_as_frozen_and_cost_nothing_per_step():
     assert all("frozen" not in r["note"] for r in s.records)  # every covered weight trains
     frozen = [p for p in model.parameters() if not p.requires_grad]
     assert frozen and not any(p._post_accumulate_grad_hooks for p in frozen)  # no hook on a frozen weight
+    loss_of(model).backward()  # (the first-forward watchers on the adapters' modules go at their first forward)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # nothing per forward
 
 
