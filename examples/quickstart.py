@@ -5,7 +5,7 @@ L1 drives the first layer's weights on the 35 useless inputs towards zero; L2 sh
 ElasticNet does a bit of both. The loss and the training loop are the same for all four: torchreg
 adds the regularization gradient during ``loss.backward()``.
 
-Run: python examples/quickstart.py   (about 10 seconds on 2 CPU cores)
+Run: python3 examples/quickstart.py   (about 20 seconds on 2 CPU cores shared with other work; README.md)
 """
 
 import torch
