@@ -52,13 +52,14 @@ ZERO_HOOKS = (
     "post-accumulate-grad hooks (stage 2; stage 1 with overlap_comm or contiguous_gradients): DeepSpeed "
     "moves each gradient into its partitioned buffers and sets .grad to None during the backward, before "
     "torchreg's end-of-backward step, so the regularization would be lost. Use FSDP2 (torch.distributed."
-    "fsdp.fully_shard) or DistributedDataParallel, or add the penalty (torchreg.penalty(model)) to the loss."
+    "fsdp.fully_shard) or DistributedDataParallel, or ZeRO stage 1 without overlap_comm and "
+    "contiguous_gradients; or write the penalty into the loss yourself (torchreg.penalty() has no graph)."
 )
 ZERO3 = (
     "torchreg cannot regularize parameters partitioned by DeepSpeed ZeRO stage 3: they are empty outside "
     "the forward and their gradients live in DeepSpeed's partitioned buffers, so the regularization would "
-    "be lost. Use ZeRO stage 1 or 2, or FSDP2 (torch.distributed.fsdp.fully_shard), or add the penalty "
-    "(torchreg.penalty(model)) to the loss."
+    "be lost. Use ZeRO stage 1 without overlap_comm (stage 2 is refused as well), or FSDP2 (torch.distributed."
+    "fsdp.fully_shard); or write the penalty into the loss yourself (torchreg.penalty() has no graph)."
 )
 
 
