@@ -42,7 +42,7 @@ class Rule:
             _registry.register_rule(cls)
         # help(torchreg.L1) and inspect.signature show the wrapper form, L1(module, lam, *, ...); leaving
         # the module out makes a rule (the class docstrings say so).
-        init = inspect.signature(cls.__init__)
+        init = cls._init_signature = inspect.signature(cls.__init__)
         plain = [p.replace(annotation=inspect.Parameter.empty) for p in list(init.parameters.values())[1:]]
         module = inspect.Parameter("module", inspect.Parameter.POSITIONAL_OR_KEYWORD)
         cls.__signature__ = init.replace(parameters=[module] + plain, return_annotation=inspect.Signature.empty)
@@ -96,7 +96,7 @@ class Rule:
     def _check_call(cls, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         """Raise ``TypeError`` naming the class (not a private base's ``__init__``) and what it takes when
         ``cls(*args, **kwargs)`` does not fit its constructor."""
-        init = inspect.signature(cls.__init__)
+        init = cls._init_signature  # (read once per class, in __init_subclass__)
         try:
             init.bind(None, *args, **kwargs)
             return
